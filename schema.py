@@ -1,0 +1,47 @@
+"""Pydantic response models (the course conventions the seed follows)."""
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class UserGet(BaseModel):
+    model_config = ConfigDict(from_attributes=True, populate_by_name=True)
+
+    id: int = Field(validation_alias="user_id", examples=[200])
+    gender: int = Field(examples=[1])
+    age: int = Field(examples=[34])
+    country: str = Field(examples=["Russia"])
+    city: str = Field(examples=["Moscow"])
+    exp_group: int = Field(examples=[3])
+    os: str = Field(examples=["Android"])
+    source: str = Field(examples=["ads"])
+
+
+class PostGet(BaseModel):
+    model_config = ConfigDict(from_attributes=True, populate_by_name=True)
+
+    id: int = Field(validation_alias="post_id", examples=[1])
+    text: str
+    topic: str = Field(examples=["business"])
+
+
+class FeedGet(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    user_id: int
+    post_id: int
+    action: str = Field(examples=["view"])
+    time: datetime = Field(validation_alias="timestamp")
+    user: UserGet
+    post: PostGet
+
+
+class HealthGet(BaseModel):
+    status: str = Field(description="'ok' when the database answers, 'degraded' when it does not")
+    database: str = Field(description="'up' or 'down'")
+    model: str = Field(description="'loaded' or 'absent'")
+
+
+class ErrorGet(BaseModel):
+    detail: str

@@ -1,0 +1,38 @@
+"""ORM table feed_data: views and likes, as in the users' existing table.
+
+The real table has no primary key and no foreign keys, so none is created here either: the ORM maps
+(timestamp, user_id, post_id, action) as its identity, and the joins to users and posts are declared
+on the relationship only. The two indexes serve "a user's feed" and "a post's feed", newest first.
+"""
+
+from datetime import datetime
+
+from sqlalchemy import DateTime, Index, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from database import Base
+from table_post import Post
+from table_user import User
+
+
+class Feed(Base):
+    __tablename__ = "feed_data"
+    __table_args__ = (
+        Index("ix_feed_data_user_id_timestamp", "user_id", "timestamp"),
+        Index("ix_feed_data_post_id_timestamp", "post_id", "timestamp"),
+    )
+
+    timestamp: Mapped[datetime] = mapped_column(DateTime)
+    user_id: Mapped[int] = mapped_column(Integer)
+    post_id: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String)  # 'view' | 'like'
+    target: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1 = view followed by a like
+
+    user: Mapped[User] = relationship(
+        primaryjoin="foreign(Feed.user_id) == User.user_id", lazy="joined", viewonly=True
+    )
+    post: Mapped[Post] = relationship(
+        primaryjoin="foreign(Feed.post_id) == Post.post_id", lazy="joined", viewonly=True
+    )
+
+    __mapper_args__ = {"primary_key": [timestamp, user_id, post_id, action]}  # noqa: RUF012

@@ -1,0 +1,14 @@
+"""ORM table post_text_df: one row per post, as in the users' existing table."""
+
+from sqlalchemy import Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from database import Base
+
+
+class Post(Base):
+    __tablename__ = "post_text_df"
+
+    post_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    text: Mapped[str] = mapped_column(Text)
+    topic: Mapped[str] = mapped_column(String)
