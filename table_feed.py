@@ -29,10 +29,10 @@ class Feed(Base):
     target: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1 = view followed by a like
 
     user: Mapped[User] = relationship(
-        primaryjoin="foreign(Feed.user_id) == User.user_id", lazy="joined", viewonly=True
+        primaryjoin="foreign(Feed.user_id) == User.user_id", lazy="joined", innerjoin=True, viewonly=True
     )
     post: Mapped[Post] = relationship(
-        primaryjoin="foreign(Feed.post_id) == Post.post_id", lazy="joined", viewonly=True
+        primaryjoin="foreign(Feed.post_id) == Post.post_id", lazy="joined", innerjoin=True, viewonly=True
     )
 
     __mapper_args__ = {"primary_key": [timestamp, user_id, post_id, action]}  # noqa: RUF012

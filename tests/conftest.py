@@ -37,7 +37,8 @@ def _postgres_problem() -> str | None:
         engine.dispose()
         return None
     except Exception as exc:  # any failure to connect means "no PostgreSQL here"
-        return f"PostgreSQL not reachable at {make_url(PG_ADMIN_URL).render_as_string()}: {exc.__class__.__name__}"
+        where = make_url(PG_ADMIN_URL).render_as_string()
+        return f"PostgreSQL not reachable at {where}: {exc.__class__.__name__}"
 
 
 @pytest.fixture(scope="session")

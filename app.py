@@ -1,0 +1,234 @@
+"""The web service: table lookups and post recommendations.
+
+`uvicorn app:app` serves with settings from the environment / `.env`; tests build their own app with
+`create_app(Settings(...))`. The lifespan opens the database engine once and, when the model file
+exists, loads the recommender (model, item matrix, user histories) once; requests only read memory
+and, for the table endpoints, the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Annotated
+
+import pandas as pd
+from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+import database
+from database import SessionDep
+from get_model import ModelFileError, load_model_file, resolve_model_file
+from schema import ErrorGet, FeedGet, HealthGet, PostGet, UserGet
+from serving import Recommender, parse_time
+from settings import Settings, get_settings
+from table_feed import Feed
+from table_post import Post
+from table_user import User
+
+MAX_LIMIT = 100  # every ?limit= is bounded, so no request can ask for an unbounded response
+log = logging.getLogger("recommender")
+
+IdPath = Annotated[int, Path(ge=0, le=2**31 - 1, description="the row's id")]
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+RecLimit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="how many posts")]
+FeedLimit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="how many feed rows, newest first")]
+NOT_FOUND = {404: {"model": ErrorGet, "description": "no row with that id"}}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The FastAPI app; `settings` default to get_settings() read when the app starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = current = settings or get_settings()
+        app.state.engine = database.make_engine(current.database_url)
+        app.state.session_factory = database.session_factory(app.state.engine)
+        app.state.recommender = load_recommender(current)
+        if app.state.recommender:
+            await asyncio.to_thread(load_posts, app)
+        refresher = asyncio.create_task(refresh_forever(app)) if app.state.recommender else None
+        try:
+            yield
+        finally:
+            if refresher:
+                refresher.cancel()
+            app.state.engine.dispose()
+
+    app = FastAPI(
+        title="Post recommender",
+        version="2.0.0",
+        summary="Two-tower recommendations of posts for the users of a social network.",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(DBAPIError, _database_unavailable)
+    _add_routes(app)
+    return app
+
+
+def load_recommender(settings: Settings) -> Recommender | None:
+    """The model file -> Recommender; None (table endpoints only) when there is no model at all.
+
+    A model file that exists but is broken, or fails its checksum, stops the startup: serving without
+    the model the operator configured would hide the problem.
+    """
+    try:
+        path, sha256 = resolve_model_file(settings)
+    except ModelFileError as exc:
+        if settings.model_url:
+            raise
+        log.warning("%s; /post/recommendations answers 503 until a model file exists", exc)
+        return None
+    recommender = Recommender.from_payload(
+        load_model_file(path, sha256=sha256), threads=settings.torch_threads
+    )
+    log.info(
+        "model %s loaded: %d users, %d posts", path, len(recommender.user_ids), len(recommender.post_ids)
+    )
+    return recommender
+
+
+def load_posts(app: FastAPI) -> None:
+    """Post texts into the recommender's memory; with the database down they are fetched per request."""
+    try:
+        with app.state.engine.connect() as conn:
+            posts = pd.DataFrame(
+                conn.execute(select(Post.post_id, Post.text, Post.topic)).all(),
+                columns=["post_id", "text", "topic"],
+            )
+        missing = app.state.recommender.set_posts(posts)
+        if missing:
+            log.warning("%d posts of the model are not in post_text_df", missing)
+    except (OperationalError, DBAPIError) as exc:
+        log.warning("could not read post_text_df at startup (%s)", exc.__class__.__name__)
+
+
+def refresh_once(app: FastAPI) -> int:
+    """Merge feed rows written since the last refresh into the served histories and likes."""
+    recommender: Recommender = app.state.recommender
+    since = datetime.fromtimestamp(recommender.state.watermark, UTC).replace(tzinfo=None)
+    with app.state.engine.connect() as conn:
+        rows = conn.execute(
+            select(Feed.timestamp, Feed.user_id, Feed.post_id, Feed.action).where(Feed.timestamp >= since)
+        ).all()
+    frame = pd.DataFrame(rows, columns=["timestamp", "user_id", "post_id", "action"])
+    return recommender.refresh(frame) if len(frame) else 0
+
+
+async def refresh_forever(app: FastAPI) -> None:
+    interval = app.state.settings.refresh_seconds
+    while interval > 0:
+        await asyncio.sleep(interval)
+        try:
+            added = await asyncio.to_thread(refresh_once, app)
+            if added:
+                log.info("refresh: %d new feed rows merged", added)
+        except Exception as exc:  # a failed refresh must not stop the service; the next one retries
+            log.warning("refresh failed (%s); serving the previous histories", exc.__class__.__name__)
+
+
+async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database error: %s", exc.__class__.__name__)
+    return JSONResponse(status_code=503, content={"detail": "database unavailable, try again shortly"})
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.get("/health", response_model=HealthGet, tags=["service"])
+    def health(request: Request) -> HealthGet:
+        """Liveness and readiness: whether the database answers and the model is loaded."""
+        try:
+            with request.app.state.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            db_state = "up"
+        except Exception:  # any failure means "down" for the health report; it never raises
+            db_state = "down"
+        model = "loaded" if getattr(request.app.state, "recommender", None) else "absent"
+        return HealthGet(status="ok" if db_state == "up" else "degraded", database=db_state, model=model)
+
+    @app.get("/user/{id}", response_model=UserGet, responses=NOT_FOUND, tags=["tables"])
+    def get_user(id: IdPath, session: SessionDep) -> User:
+        """One user's profile."""
+        user = session.get(User, id)
+        if user is None:
+            raise HTTPException(404, detail=f"user {id} not found")
+        return user
+
+    @app.get("/post/{id}", response_model=PostGet, responses=NOT_FOUND, tags=["tables"])
+    def get_post(id: IdPath, session: SessionDep) -> Post:
+        """One post: its text and topic."""
+        post = session.get(Post, id)
+        if post is None:
+            raise HTTPException(404, detail=f"post {id} not found")
+        return post
+
+    @app.get("/user/{id}/feed", response_model=list[FeedGet], responses=NOT_FOUND, tags=["tables"])
+    def get_user_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[Feed]:
+        """The user's views and likes, newest first."""
+        if session.get(User, id) is None:
+            raise HTTPException(404, detail=f"user {id} not found")
+        query = select(Feed).where(Feed.user_id == id).order_by(Feed.timestamp.desc()).limit(limit)
+        return list(session.scalars(query).unique())
+
+    @app.get("/post/{id}/feed", response_model=list[FeedGet], responses=NOT_FOUND, tags=["tables"])
+    def get_post_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[Feed]:
+        """The post's views and likes, newest first."""
+        if session.get(Post, id) is None:
+            raise HTTPException(404, detail=f"post {id} not found")
+        query = select(Feed).where(Feed.post_id == id).order_by(Feed.timestamp.desc()).limit(limit)
+        return list(session.scalars(query).unique())
+
+    @app.get(
+        "/post/recommendations/",
+        response_model=list[PostGet],
+        responses={**NOT_FOUND, 503: {"model": ErrorGet, "description": "no model loaded"}},
+        tags=["recommendations"],
+    )
+    def recommend(
+        request: Request,
+        session: SessionDep,
+        id: Annotated[int, Query(ge=0, le=2**31 - 1, description="user_id")],
+        time: Annotated[
+            str,
+            Query(
+                description="the moment to recommend at, YYYY-mm-dd HH:MM:SS (2021-12-01 12:00:00)",
+                examples=["2021-12-01 12:00:00"],
+                max_length=19,
+            ),
+        ],
+        limit: RecLimit = 5,
+    ) -> list[Post]:
+        """The top `limit` posts for user `id` at `time`: history before `time`, liked posts excluded."""
+        recommender: Recommender | None = request.app.state.recommender
+        if recommender is None:
+            raise HTTPException(503, detail="no model loaded: train one with `python main_script.py`")
+        try:
+            moment = parse_time(time)
+        except ValueError:
+            raise HTTPException(
+                422, detail=f"time must look like 2021-12-01 12:00:00 ({TIME_FORMAT})"
+            ) from None
+        row = recommender.user_row(id)
+        if row >= 0:
+            post_rows = recommender.recommend(row, moment, limit)
+        else:  # a user added after training: static features, no history
+            user = session.get(User, id)
+            if user is None:
+                raise HTTPException(404, detail=f"user {id} not found")
+            post_rows = recommender.recommend(0, moment, limit, users=recommender.static_features(user))
+        body = recommender.response_body(post_rows)
+        if body is not None:  # the usual path: pre-encoded PostGet JSON, no database round trip
+            return Response(body, media_type="application/json")
+        post_ids = recommender.post_ids[post_rows].tolist()
+        found = {
+            post.post_id: post for post in session.scalars(select(Post).where(Post.post_id.in_(post_ids)))
+        }
+        return [found[pid] for pid in post_ids if pid in found]
+
+
+app = create_app()

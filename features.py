@@ -1,0 +1,400 @@
+"""Tables -> model inputs: vocabularies, user and post features, user histories. Plain numpy, vectorised.
+
+Times are int64 seconds since the Unix epoch everywhere below. Leakage rules, each tested:
+- a history used for an event or a request at time t holds only events with timestamp < t;
+- every aggregate (post statistics) is computed from the events before the given cutoff only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+UNKNOWN = "<unk>"  # index 0 of every vocabulary: a category never seen in training lands here
+USER_CATEGORICALS = ("gender", "country", "city", "exp_group", "os", "source", "age_bucket")
+AGE_BUCKETS = np.array([18, 22, 26, 30, 35, 40, 50, 60])  # right edges; 9 buckets
+RECENCY_BUCKETS = np.array([60, 600, 3600, 3 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400, 21 * 86400])
+ACTION_VIEW, ACTION_LIKE = 0, 1
+POST_STAT_NAMES = ("log_views_per_day", "log_likes_per_day", "like_rate")
+LIKE_RATE_PRIOR_VIEWS = 20.0  # shrink the like rate of rarely seen posts towards the global rate
+
+
+# ----------------------------------------------------------------------------- time and vocabularies
+
+
+def to_seconds(timestamps: pd.Series | np.ndarray | pd.DatetimeIndex) -> np.ndarray:
+    """datetime64 values -> int64 seconds since the epoch."""
+    values = np.asarray(timestamps, dtype="datetime64[ns]")
+    assert not np.isnat(values).any(), "timestamps must not be missing"
+    return values.astype("datetime64[s]").astype(np.int64)
+
+
+def time_features(seconds: np.ndarray) -> np.ndarray:
+    """[n, 4] float32: hour of day and day of week on the unit circle (the request-time features)."""
+    seconds = np.asarray(seconds, dtype=np.int64)
+    hour = (seconds % 86400) / 3600.0
+    weekday = ((seconds // 86400) + 3) % 7  # 1970-01-01 was a Thursday
+    angles = np.stack([2 * np.pi * hour / 24, 2 * np.pi * weekday / 7], axis=1)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+
+
+def build_vocab(values: pd.Series, *, min_count: int = 1) -> list[str]:
+    """Categories seen at least min_count times, most frequent first, after the UNKNOWN bucket."""
+    counts = values.astype(str).value_counts(sort=False)
+    counts = counts[counts >= min_count]
+    ordered = counts.sort_index().sort_values(ascending=False, kind="stable")
+    return [UNKNOWN, *ordered.index.tolist()]
+
+
+def encode(values: pd.Series | np.ndarray, vocab: list[str]) -> np.ndarray:
+    """Category strings -> int64 indices into vocab; unseen values -> 0 (UNKNOWN)."""
+    return pd.Index(vocab).get_indexer(pd.Series(values).astype(str)).clip(min=0).astype(np.int64)
+
+
+def age_bucket(age: pd.Series | np.ndarray) -> np.ndarray:
+    return np.searchsorted(AGE_BUCKETS, np.asarray(age), side="right").astype(str)
+
+
+# ----------------------------------------------------------------------------- users
+
+
+@dataclass
+class UserFeatures:
+    """Static user features, rows aligned with user_ids (sorted ascending)."""
+
+    user_ids: np.ndarray  # int64 [n_users], sorted
+    categorical: np.ndarray  # int64 [n_users, len(USER_CATEGORICALS)]
+    numeric: np.ndarray  # float32 [n_users, 1] (standardised age)
+
+    def index_of(self, user_ids: np.ndarray) -> np.ndarray:
+        """Row index of each user id; -1 where the id is unknown."""
+        return lookup(self.user_ids, user_ids)
+
+
+def fit_user_vocabs(users: pd.DataFrame, *, min_city_count: int = 3) -> dict[str, list[str]]:
+    """Vocabularies for the user categoricals; rare cities share the UNKNOWN bucket."""
+    frame = users.assign(age_bucket=age_bucket(users["age"]))
+    return {
+        name: build_vocab(frame[name], min_count=min_city_count if name == "city" else 1)
+        for name in USER_CATEGORICALS
+    }
+
+
+def fit_age_scaler(users: pd.DataFrame) -> tuple[float, float]:
+    age = users["age"].to_numpy(dtype=np.float64)
+    return float(age.mean()), float(age.std() or 1.0)
+
+
+def user_features(
+    users: pd.DataFrame, vocabs: dict[str, list[str]], age_scaler: tuple[float, float]
+) -> UserFeatures:
+    frame = users.sort_values("user_id").assign(age_bucket=lambda f: age_bucket(f["age"]))
+    categorical = np.stack([encode(frame[name], vocabs[name]) for name in USER_CATEGORICALS], axis=1)
+    mean, std = age_scaler
+    numeric = ((frame["age"].to_numpy(dtype=np.float32) - mean) / std)[:, None].astype(np.float32)
+    return UserFeatures(frame["user_id"].to_numpy(dtype=np.int64), categorical, numeric)
+
+
+def lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Position of each id in sorted_ids, -1 where absent."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(sorted_ids) == 0:
+        return np.full(len(ids), -1, dtype=np.int64)
+    pos = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos] == ids, pos, -1)
+
+
+# ----------------------------------------------------------------------------- posts
+
+
+def post_statistics(
+    feed: pd.DataFrame, post_ids: np.ndarray, *, cutoff: int, window_days: float | None = None
+) -> np.ndarray:
+    """[n_posts, 3] float32 (POST_STAT_NAMES) from feed events strictly before `cutoff` only.
+
+    Counts are per day of the window, so statistics from windows of different lengths are comparable.
+    """
+    seconds = to_seconds(feed["timestamp"])
+    before = seconds < cutoff
+    if window_days is None:
+        first = seconds[before].min() if before.any() else cutoff
+        window_days = max((cutoff - first) / 86400.0, 1.0)
+    views = feed["action"].to_numpy() == "view"
+    index = lookup(post_ids, feed["post_id"].to_numpy())
+    known = before & (index >= 0)
+    n_views = np.bincount(index[known & views], minlength=len(post_ids)).astype(np.float64)
+    n_likes = np.bincount(index[known & ~views], minlength=len(post_ids)).astype(np.float64)
+    global_rate = n_likes.sum() / max(n_views.sum(), 1.0)
+    like_rate = (n_likes + LIKE_RATE_PRIOR_VIEWS * global_rate) / (n_views + LIKE_RATE_PRIOR_VIEWS)
+    stats = np.stack([np.log1p(n_views / window_days), np.log1p(n_likes / window_days), like_rate], axis=1)
+    return stats.astype(np.float32)
+
+
+def fit_scaler(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = matrix.mean(axis=0)
+    std = matrix.std(axis=0)
+    return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- histories
+
+
+@dataclass
+class Histories:
+    """Every user's events in time order, as flat arrays (CSR by user row).
+
+    Events of user row u are ev_*[user_ptr[u]:user_ptr[u + 1]], sorted by time.
+    """
+
+    user_ptr: np.ndarray  # int64 [n_users + 1]
+    ev_time: np.ndarray  # int64 seconds
+    ev_post: np.ndarray  # int32 post row
+    ev_action: np.ndarray  # int8: ACTION_VIEW | ACTION_LIKE
+
+    @property
+    def n_events(self) -> int:
+        return len(self.ev_time)
+
+    def last_before(self, user_rows: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Per query, the index one past the user's last event with time < the query time."""
+        user_rows = np.asarray(user_rows, dtype=np.int64)
+        times = np.asarray(times, dtype=np.int64)
+        starts, ends = self.user_ptr[user_rows], self.user_ptr[user_rows + 1]
+        # Binary search inside each user's segment, all queries at once: O(log n) numpy steps.
+        lo, hi = starts.copy(), ends.copy()
+        while self.n_events:
+            active = lo < hi
+            if not active.any():
+                return lo
+            mid = (lo + hi) // 2
+            go_right = active & (self.ev_time[np.minimum(mid, self.n_events - 1)] < times)
+            lo = np.where(go_right, mid + 1, lo)
+            hi = np.where(active & ~go_right, mid, hi)
+        return lo
+
+    def window(
+        self, user_rows: np.ndarray, times: np.ndarray, max_history: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The last max_history events strictly before each (user, time), oldest first, right-aligned.
+
+        Returns post rows [n, H] (int64), actions [n, H] (int64), recency buckets [n, H] (int64) and
+        the validity mask [n, H] (bool); padded slots are masked and hold zeros.
+        """
+        user_rows = np.asarray(user_rows, dtype=np.int64)
+        times = np.asarray(times, dtype=np.int64)
+        end = self.last_before(user_rows, times)
+        index = end[:, None] - max_history + np.arange(max_history)[None, :]
+        mask = index >= self.user_ptr[user_rows][:, None]
+        safe = np.where(mask, index, 0)
+        if self.n_events == 0:
+            zeros = np.zeros(mask.shape, dtype=np.int64)
+            return zeros, zeros, zeros, mask
+        posts = np.where(mask, self.ev_post[safe], 0).astype(np.int64)
+        actions = np.where(mask, self.ev_action[safe], 0).astype(np.int64)
+        age = times[:, None] - self.ev_time[safe]
+        recency = np.where(mask, np.searchsorted(RECENCY_BUCKETS, age, side="right"), 0).astype(np.int64)
+        return posts, actions, recency, mask
+
+    def count_before(self, user_rows: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """How many events each user had strictly before each time."""
+        return self.last_before(user_rows, times) - self.user_ptr[np.asarray(user_rows, dtype=np.int64)]
+
+    def tail(self, max_history: int) -> Histories:
+        """Only each user's last max_history events (the serving snapshot)."""
+        counts = np.diff(self.user_ptr)
+        keep_from = self.user_ptr[1:] - np.minimum(counts, max_history)
+        owner = np.repeat(np.arange(len(counts)), counts)
+        keep = np.arange(self.n_events) >= keep_from[owner]
+        kept = np.minimum(counts, max_history)
+        return Histories(
+            np.concatenate([[0], np.cumsum(kept)]).astype(np.int64),
+            self.ev_time[keep],
+            self.ev_post[keep],
+            self.ev_action[keep],
+        )
+
+
+def build_user_histories(
+    feed: pd.DataFrame, user_ids: np.ndarray, post_ids: np.ndarray, *, max_history: int | None = None
+) -> Histories:
+    """Views and likes per user, in time order, as Histories (rows follow user_ids, sorted ascending).
+
+    A view's `target` is not used: it reveals a like that may happen after the history's cutoff. The
+    like itself enters as its own event at its own time. Events naming an unknown user or post are
+    dropped. With max_history, only each user's last max_history events are kept.
+    """
+    user_rows = lookup(user_ids, feed["user_id"].to_numpy())
+    post_rows = lookup(post_ids, feed["post_id"].to_numpy())
+    keep = (user_rows >= 0) & (post_rows >= 0)
+    seconds = to_seconds(feed["timestamp"])[keep]
+    user_rows, post_rows = user_rows[keep], post_rows[keep]
+    actions = np.where(feed["action"].to_numpy()[keep] == "like", ACTION_LIKE, ACTION_VIEW).astype(np.int8)
+    order = np.lexsort((actions, seconds, user_rows))  # by user, then time; a like after its view
+    counts = np.bincount(user_rows, minlength=len(user_ids))
+    histories = Histories(
+        np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        seconds[order],
+        post_rows[order].astype(np.int32),
+        actions[order],
+    )
+    return histories.tail(max_history) if max_history is not None else histories
+
+
+@dataclass
+class LikedPosts:
+    """Each user's likes (post row, time), CSR by user row, time-ordered: the serving exclusions."""
+
+    user_ptr: np.ndarray
+    like_time: np.ndarray
+    like_post: np.ndarray
+
+    def before(self, user_row: int, time: int) -> np.ndarray:
+        """Post rows the user liked strictly before `time`."""
+        start, end = self.user_ptr[user_row], self.user_ptr[user_row + 1]
+        stop = start + np.searchsorted(self.like_time[start:end], time, side="left")
+        return self.like_post[start:stop]
+
+
+def liked_posts(histories: Histories) -> LikedPosts:
+    """The like events of `histories` as LikedPosts."""
+    is_like = histories.ev_action == ACTION_LIKE
+    owner = np.repeat(np.arange(len(histories.user_ptr) - 1), np.diff(histories.user_ptr))
+    counts = np.bincount(owner[is_like], minlength=len(histories.user_ptr) - 1)
+    return LikedPosts(
+        np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        histories.ev_time[is_like],
+        histories.ev_post[is_like],
+    )
+
+
+# ----------------------------------------------------------------------------- the training set
+
+
+@dataclass
+class Interactions:
+    """(user row, post row, time, label) samples; labels are like targets of views, or 1 for likes."""
+
+    user_rows: np.ndarray  # int64
+    post_rows: np.ndarray  # int64
+    times: np.ndarray  # int64 seconds
+    labels: np.ndarray  # float32
+
+    def __len__(self) -> int:
+        return len(self.user_rows)
+
+    def subset(self, index: np.ndarray) -> Interactions:
+        return Interactions(
+            self.user_rows[index], self.post_rows[index], self.times[index], self.labels[index]
+        )
+
+    def sample(self, n: int, *, seed: int = 0) -> Interactions:
+        """At most n samples, drawn without replacement, kept in their original order."""
+        if len(self) <= n:
+            return self
+        return self.subset(np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False)))
+
+
+@dataclass
+class Dataset:
+    """Everything the model trains and is evaluated on, split at `cutoff` (seconds)."""
+
+    start: int
+    cutoff: int
+    end: int
+    vocabs: dict[str, list[str]]  # user categoricals and "topic"
+    age_scaler: tuple[float, float]
+    users: UserFeatures
+    post_ids: np.ndarray  # int64, sorted
+    post_topic: np.ndarray  # int64 topic index per post row
+    post_stats: np.ndarray  # float32 [n_posts, 3], standardised, from the training window only
+    stats_scaler: tuple[np.ndarray, np.ndarray]
+    histories: Histories  # all events, both sides of the cutoff (windows never look past their time)
+    train_views: Interactions
+    train_likes: Interactions  # the liked views of the training window, at their view time
+    test_views: Interactions
+
+
+def split_cutoff(feed: pd.DataFrame, test_days: float) -> tuple[int, int, int]:
+    """(start, cutoff, end) seconds: the last test_days of the feed are the test window."""
+    seconds = to_seconds(feed["timestamp"])
+    assert len(seconds), "the feed is empty: nothing to train on"
+    start, end = int(seconds.min()), int(seconds.max())
+    cutoff = end - int(test_days * 86400)
+    assert start < cutoff, (
+        f"the feed spans {(end - start) / 86400:.1f} days, not more than test_days={test_days}"
+    )
+    return start, cutoff, end
+
+
+def _interactions(frame: pd.DataFrame, users: UserFeatures, post_ids: np.ndarray, labels: np.ndarray):
+    user_rows, post_rows = (
+        users.index_of(frame["user_id"].to_numpy()),
+        lookup(post_ids, frame["post_id"].to_numpy()),
+    )
+    known = (user_rows >= 0) & (post_rows >= 0)
+    return Interactions(
+        user_rows[known],
+        post_rows[known],
+        to_seconds(frame["timestamp"])[known],
+        labels[known].astype(np.float32),
+    )
+
+
+def build_dataset(
+    users: pd.DataFrame,
+    posts: pd.DataFrame,
+    feed: pd.DataFrame,
+    *,
+    test_days: float = 14.0,
+    train_sample: int = 1_500_000,
+    test_sample: int = 300_000,
+    label_margin_s: int = 3600,
+    seed: int = 0,
+    vocabs: dict[str, list[str]] | None = None,
+    age_scaler: tuple[float, float] | None = None,
+    stats_scaler: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Dataset:
+    """Vocabularies, features, histories and the temporal split, all fitted on the training window.
+
+    Training views end label_margin_s before the cutoff, so no training label depends on a like that
+    happened after it. Pass vocabs and scalers of a trained model to rebuild its inputs exactly.
+    """
+    start, cutoff, end = split_cutoff(feed, test_days)
+    seconds = to_seconds(feed["timestamp"])
+    if vocabs is None:
+        vocabs = fit_user_vocabs(users) | {"topic": build_vocab(posts["topic"])}
+    age_scaler = age_scaler or fit_age_scaler(users)
+    user_table = user_features(users, vocabs, age_scaler)
+    post_frame = posts.sort_values("post_id")
+    post_ids = post_frame["post_id"].to_numpy(dtype=np.int64)
+    raw_stats = post_statistics(feed, post_ids, cutoff=cutoff)
+    stats_scaler = stats_scaler or fit_scaler(raw_stats)
+    histories = build_user_histories(feed, user_table.user_ids, post_ids)
+
+    views = (feed["action"] == "view").to_numpy()
+    targets = feed["target"].fillna(0).to_numpy(dtype=np.float32)
+    train_view_rows = views & (seconds < cutoff - label_margin_s)
+    test_view_rows = views & (seconds >= cutoff)
+    # Likes are taken at the time of the view they follow: a like row's own history would already hold
+    # that view, and the model would learn "the post just seen is the one liked".
+    train_views = _interactions(feed[train_view_rows], user_table, post_ids, targets[train_view_rows])
+    return Dataset(
+        start=start,
+        cutoff=cutoff,
+        end=end,
+        vocabs=vocabs,
+        age_scaler=age_scaler,
+        users=user_table,
+        post_ids=post_ids,
+        post_topic=encode(post_frame["topic"], vocabs["topic"]),
+        post_stats=(raw_stats - stats_scaler[0]) / stats_scaler[1],
+        stats_scaler=stats_scaler,
+        histories=histories,
+        train_views=train_views.sample(train_sample, seed=seed),
+        train_likes=train_views.subset(np.flatnonzero(train_views.labels == 1)),
+        test_views=_interactions(feed[test_view_rows], user_table, post_ids, targets[test_view_rows]).sample(
+            test_sample, seed=seed + 1
+        ),
+    )

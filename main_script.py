@@ -1,0 +1,442 @@
+"""The offline pipeline: demo data, CSV import, text embeddings, two-tower training, evaluation, export.
+
+`python main_script.py` runs every stage from the settings (.env / environment): embed the post texts,
+compress them with the autoencoder, build histories, train, evaluate, and write the model file the
+service loads. Each stage is also a subcommand; `python main_script.py SUBCOMMAND --help` explains it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sqlalchemy import inspect, select
+
+import database
+import demo_data
+import get_features_table
+from evaluate import METRIC_KEYS, evaluate_model
+from features import (
+    POST_STAT_NAMES,
+    USER_CATEGORICALS,
+    Dataset,
+    build_dataset,
+    build_user_histories,
+    liked_posts,
+    post_statistics,
+    to_seconds,
+)
+from get_model import FORMAT, ModelFileError, get_model, save_model_file
+from get_post_embeddings import embed_posts, resolve_encoder
+from learn_model import TwoTower, TwoTowerConfig, train_autoencoder, train_two_tower
+from settings import Settings, describe, get_settings
+from table_feed import Feed
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class TrainResult:
+    model: TwoTower
+    data: Dataset
+    metrics: dict[str, dict[str, float]]
+    history: list[dict[str, float]]
+    payload: dict[str, Any]
+    seconds: dict[str, float]
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def make_demo_data(settings: Settings, *, scale: str | None = None, progress: bool = True) -> dict[str, int]:
+    """Generate the demo tables into DATABASE_URL and the generator's truth file beside them."""
+    scale = scale or settings.demo_scale
+    demo = demo_data.generate(scale, seed=settings.seed, progress=progress)
+    engine = database.make_engine(settings.database_url)
+    try:
+        counts = get_features_table.write_tables(
+            engine, users=demo.users, posts=demo.posts, feed=demo.feed, progress=progress
+        )
+    finally:
+        engine.dispose()
+    demo.truth.save(settings.ground_truth_path)
+    return counts
+
+
+def demo_data_present(settings: Settings) -> bool:
+    engine = database.make_engine(settings.database_url)
+    try:
+        if not inspect(engine).has_table("feed_data"):
+            return False
+        with engine.connect() as conn:
+            return conn.execute(select(Feed.user_id).limit(1)).first() is not None
+    finally:
+        engine.dispose()
+
+
+def load_tables(
+    settings: Settings, *, progress: bool = True
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    engine = database.make_engine(settings.database_url)
+    try:
+        users = get_features_table.read_table(engine, "user_data", progress=progress)
+        posts = get_features_table.read_table(engine, "post_text_df", progress=progress)
+        feed = get_features_table.read_table(engine, "feed_data", progress=progress)
+    finally:
+        engine.dispose()
+    if feed.empty or users.empty or posts.empty:
+        raise SystemExit(
+            f"the tables in {settings.database_url.split('@')[-1]} are empty: "
+            "run `python main_script.py demo-data` or `python main_script.py import-csv ...` first"
+        )
+    return users, posts, feed
+
+
+def load_truth(settings: Settings) -> demo_data.GroundTruth | None:
+    """The demo generator's truth when it sits beside the database, else None (no oracle)."""
+    if not settings.ground_truth_path.is_file():
+        return None
+    return demo_data.GroundTruth.load(settings.ground_truth_path)
+
+
+def embed_stage(settings: Settings, posts: pd.DataFrame, *, progress: bool = True) -> np.ndarray:
+    """Transformer embeddings of the post texts in post_id order (cached: reruns embed only new texts)."""
+    ordered = posts.sort_values("post_id")
+    return embed_posts(
+        ordered["post_id"].to_numpy(),
+        ordered["text"].tolist(),
+        encoder=settings.text_encoder,
+        cache_dir=settings.embed_cache_dir,
+        batch_size=settings.embed_batch_size,
+        max_length=settings.embed_max_length,
+        progress=progress,
+    )
+
+
+def train_stage(
+    settings: Settings,
+    *,
+    tables: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None,
+    use_history: bool = True,
+    use_text: bool = True,
+    evaluate: bool = True,
+    progress: bool = True,
+) -> TrainResult:
+    """Features on the training window, the autoencoder, the two towers, the evaluation, the model file."""
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    users, posts, feed = tables if tables is not None else load_tables(settings, progress=progress)
+    seconds["load"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    embeddings = embed_stage(settings, posts, progress=progress)
+    seconds["embed"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    _autoencoder, codes, reconstruction = train_autoencoder(
+        embeddings, code_dim=settings.text_dim, seed=settings.seed, progress=progress
+    )
+    seconds["autoencoder"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    data = build_dataset(
+        users,
+        posts,
+        feed,
+        test_days=settings.test_days,
+        train_sample=settings.train_sample,
+        seed=settings.seed,
+    )
+    seconds["features"] = time.perf_counter() - clock
+
+    torch.manual_seed(settings.seed)
+    config = TwoTowerConfig(
+        n_posts=len(data.post_ids),
+        n_topics=len(data.vocabs["topic"]),
+        user_cardinalities=[len(data.vocabs[name]) for name in USER_CATEGORICALS],
+        text_dim=settings.text_dim,
+        max_history=settings.max_history,
+        use_history=use_history,
+        use_text=use_text,
+        exposure_head=settings.objective == "joint",
+    )
+    model = TwoTower(config)
+    model.set_post_features(codes, data.post_topic, data.post_stats)
+    clock = time.perf_counter()
+    history = train_two_tower(
+        model,
+        users=data.users,
+        histories=data.histories,
+        views=data.train_views,
+        likes=data.train_likes,
+        monitor_train=data.train_views.sample(50_000, seed=settings.seed),
+        monitor_test=data.test_views.sample(100_000, seed=settings.seed),
+        objective=settings.objective,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        lr=settings.learning_rate,
+        seed=settings.seed,
+        progress=progress,
+    )
+    seconds["train"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    metrics: dict[str, dict[str, float]] = {}
+    if evaluate:
+        metrics = evaluate_model(
+            model, data, truth=load_truth(settings), feed=feed, seed=settings.seed, progress=progress
+        )
+    metrics.setdefault("model", {})["autoencoder_mse"] = reconstruction
+    seconds["evaluate"] = time.perf_counter() - clock
+
+    train_size = len(data.train_likes) if settings.objective == "softmax" else len(data.train_views)
+    payload = model_payload(
+        settings, model, data, feed, metrics=metrics, history=history, train_size=train_size
+    )
+    return TrainResult(model, data, metrics, history, payload, seconds)
+
+
+def model_payload(
+    settings: Settings,
+    model: TwoTower,
+    data: Dataset,
+    feed: pd.DataFrame,
+    *,
+    metrics: dict[str, dict[str, float]],
+    history: list[dict[str, float]],
+    train_size: int,
+) -> dict[str, Any]:
+    """The model file's content. Post statistics and histories are refreshed to the end of the feed."""
+    end = int(to_seconds(feed["timestamp"]).max()) + 1
+    serving_stats = post_statistics(feed, data.post_ids, cutoff=end)
+    mean, std = data.stats_scaler
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["post_stats"] = torch.from_numpy((serving_stats - mean) / std)
+    recent = build_user_histories(feed, data.users.user_ids, data.post_ids, max_history=settings.max_history)
+    likes = liked_posts(
+        build_user_histories(feed[feed["action"] == "like"], data.users.user_ids, data.post_ids)
+    )
+    iso = lambda s: datetime.fromtimestamp(s, UTC).strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
+    return {
+        "format": FORMAT,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": asdict(model.config),
+        "state_dict": state,
+        "vocabs": data.vocabs,
+        "age_scaler": list(data.age_scaler),
+        "stats_scaler": {"mean": torch.from_numpy(mean), "std": torch.from_numpy(std)},
+        "post_stat_names": list(POST_STAT_NAMES),
+        "post_ids": torch.from_numpy(data.post_ids),
+        "text_encoder": resolve_encoder(settings.text_encoder).rsplit("/site-packages/", 1)[-1],
+        "objective": settings.objective,
+        "train_size": train_size,
+        "data_window": {"start": iso(data.start), "cutoff": iso(data.cutoff), "end": iso(data.end)},
+        "metrics": metrics,
+        "history": history,
+        "serving": {
+            "snapshot_end": end,
+            "user_ids": torch.from_numpy(data.users.user_ids),
+            "user_categorical": torch.from_numpy(data.users.categorical),
+            "user_numeric": torch.from_numpy(data.users.numeric),
+            "hist_ptr": torch.from_numpy(recent.user_ptr),
+            "hist_time": torch.from_numpy(recent.ev_time),
+            "hist_post": torch.from_numpy(recent.ev_post),
+            "hist_action": torch.from_numpy(recent.ev_action),
+            "like_ptr": torch.from_numpy(likes.user_ptr),
+            "like_time": torch.from_numpy(likes.like_time),
+            "like_post": torch.from_numpy(likes.like_post),
+        },
+    }
+
+
+def write_history(history: list[dict[str, float]], out_dir: Path) -> list[Path]:
+    """Per-epoch history as CSV, JSON and a PNG plot of loss, ROC-AUC and accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(history)
+    csv_path, json_path, png_path = out_dir / "history.csv", out_dir / "history.json", out_dir / "history.png"
+    frame.to_csv(csv_path, index=False)
+    json_path.write_text(json.dumps(history, indent=2))
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for axis, metric in zip(axes, ("loss", "roc_auc", "accuracy"), strict=True):
+        for split in ("train", "test"):
+            column = metric if metric == "loss" and split == "train" else f"{split}_{metric}"
+            if column in frame:
+                axis.plot(frame["epoch"], frame[column], marker="o", label=f"{split} {metric}")
+        axis.set_xlabel("epoch")
+        axis.set_title(metric)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=110)
+    plt.close(figure)
+    return [csv_path, json_path, png_path]
+
+
+def summary_table(metrics: dict[str, dict[str, float]]) -> str:
+    names = [name for name in ("model", "popularity", "random", "oracle") if name in metrics]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for key in METRIC_KEYS:
+        cells = [metrics[name].get(key, math.nan) for name in names]
+        lines.append(f"| {key} | " + " | ".join(f"{value:.4f}" for value in cells) + " |")
+    return "\n".join(lines)
+
+
+def export_embeddings(settings: Settings, out_dir: Path) -> dict[str, Path]:
+    """User embeddings (at the end of the data) and post embeddings of the trained model, as CSV."""
+    from serving import Recommender
+
+    recommender = Recommender.from_payload(get_model(settings), threads=torch.get_num_threads())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    post_path, user_path = out_dir / "post_embeddings.csv", out_dir / "user_embeddings.csv"
+    posts = pd.DataFrame(recommender.item_matrix.numpy()).add_prefix("e")
+    posts.insert(0, "post_id", recommender.post_ids)
+    posts.to_csv(post_path, index=False)
+    users = pd.DataFrame(recommender.user_embeddings_at_end()).add_prefix("e")
+    users.insert(0, "user_id", recommender.user_ids)
+    users.to_csv(user_path, index=False)
+    return {"posts": post_path, "users": user_path}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def run_all(settings: Settings, *, progress: bool = True) -> TrainResult:
+    result = train_stage(settings, progress=progress)
+    save_model_file(result.payload, settings.model_path)
+    written = write_history(result.history, settings.model_path.parent)
+    print(f"\nmodel file: {settings.model_path}  (history: {', '.join(str(p) for p in written)})")
+    print(f"data window: {result.payload['data_window']}  objective: {settings.objective}")
+    print("time (s): " + ", ".join(f"{k}={v:.1f}" for k, v in result.seconds.items()))
+    print(summary_table(result.metrics))
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Settings come from the environment and .env (see .env.example); flags override them.",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    all_cmd = commands.add_parser(
+        "all", help="every stage: embed, train, evaluate, write the model file (default)"
+    )
+    all_cmd.add_argument("--if-missing", action="store_true", help="do nothing when MODEL_PATH exists")
+
+    demo = commands.add_parser("demo-data", help="generate the demo tables into DATABASE_URL")
+    demo.add_argument("--scale", choices=("tiny", "small", "full"), help="default: DEMO_SCALE")
+    demo.add_argument("--seed", type=int, help="default: SEED")
+    demo.add_argument("--if-missing", action="store_true", help="do nothing when the feed table has rows")
+
+    csv = commands.add_parser("import-csv", help="load your own three tables from CSV (one transaction)")
+    csv.add_argument("--users", type=Path, required=True, help="user_data CSV")
+    csv.add_argument("--posts", type=Path, required=True, help="post_text_df CSV")
+    csv.add_argument("--feed", type=Path, required=True, help="feed_data CSV")
+
+    commands.add_parser("embed", help="embed the post texts with TEXT_ENCODER (cached in EMBED_CACHE_DIR)")
+
+    train = commands.add_parser("train", help="train and evaluate, then write MODEL_PATH atomically")
+    train.add_argument("--objective", choices=("bce", "softmax"), help="default: OBJECTIVE")
+    train.add_argument("--epochs", type=int, help="default: EPOCHS")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate MODEL_PATH on the database (DESIGN.md protocol)"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    export = commands.add_parser("export-embeddings", help="write user and post embeddings as CSV")
+    export.add_argument("--out", type=Path, help="default: EXPORT_DIR")
+    return parser
+
+
+def evaluate_saved(settings: Settings, *, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Re-run the evaluation of the saved model file on the current database (same split and protocol)."""
+    from serving import Recommender
+
+    payload = get_model(settings)
+    users, posts, feed = load_tables(settings, progress=progress)
+    data = build_dataset(
+        users,
+        posts,
+        feed,
+        test_days=settings.test_days,
+        train_sample=0,
+        seed=settings.seed,
+        vocabs=payload["vocabs"],
+        age_scaler=tuple(payload["age_scaler"]),
+        stats_scaler=(payload["stats_scaler"]["mean"].numpy(), payload["stats_scaler"]["std"].numpy()),
+    )
+    model = Recommender.from_payload(payload).model
+    # The file carries statistics up to the end of the feed; the protocol scores with the training window's.
+    with torch.no_grad():
+        model.post_stats.copy_(torch.from_numpy(data.post_stats))
+    return evaluate_model(
+        model, data, truth=load_truth(settings), feed=feed, seed=settings.seed, progress=progress
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    progress = not args.quiet
+    settings = get_settings()
+    command = args.command or "all"
+    try:
+        if command == "demo-data":
+            settings = settings.replace(**({"seed": args.seed} if args.seed is not None else {}))
+            if args.if_missing and demo_data_present(settings):
+                print("demo data present: skipping (drop --if-missing to regenerate)")
+                return 0
+            clock = time.perf_counter()
+            counts = make_demo_data(settings, scale=args.scale, progress=progress)
+            print(
+                f"wrote {counts} in {time.perf_counter() - clock:.1f} s; truth: {settings.ground_truth_path}"
+            )
+        elif command == "import-csv":
+            engine = database.make_engine(settings.database_url)
+            counts = get_features_table.import_csv(engine, users=args.users, posts=args.posts, feed=args.feed)
+            print(f"imported {counts}")
+        elif command == "embed":
+            engine = database.make_engine(settings.database_url)
+            posts = get_features_table.read_table(engine, "post_text_df")
+            vectors = embed_stage(settings, posts, progress=progress)
+            print(f"{len(vectors)} posts embedded: {vectors.shape[1]}-D, cache in {settings.embed_cache_dir}")
+        elif command in ("all", "train"):
+            if command == "all" and args.if_missing and settings.model_path.is_file():
+                print(f"model file {settings.model_path} present: skipping training")
+                return 0
+            if command == "train":
+                overrides = {"objective": args.objective, "epochs": args.epochs}
+                settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
+            print("settings: " + ", ".join(f"{k}={v}" for k, v in describe(settings)))
+            run_all(settings, progress=progress)
+        elif command == "evaluate":
+            metrics = evaluate_saved(settings, progress=progress)
+            print(json.dumps(metrics) if args.json else summary_table(metrics))
+        elif command == "export-embeddings":
+            paths = export_embeddings(settings, args.out or settings.export_dir)
+            print(f"wrote {paths['posts']} and {paths['users']}")
+    except (get_features_table.TableValidationError, ModelFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

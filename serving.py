@@ -1,0 +1,207 @@
+"""The recommendation path in memory: one user-tower pass and one product with the item matrix.
+
+Built once from the model file (app lifespan). Per request: user features + the history strictly before
+`time` -> UserTower -> scores = item_matrix @ user -> drop posts liked before `time` -> top-k by partial
+sort. No pandas and no database on this path. `refresh()` merges feed rows written after training into
+the histories and likes; it builds new arrays and swaps them in one assignment, so requests never wait.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from features import (
+    ACTION_LIKE,
+    USER_CATEGORICALS,
+    Histories,
+    LikedPosts,
+    UserFeatures,
+    age_bucket,
+    build_user_histories,
+    encode,
+    liked_posts,
+    lookup,
+    to_seconds,
+)
+from learn_model import TwoTower, TwoTowerConfig, make_user_batch
+
+
+@dataclass
+class ServingState:
+    """What a refresh replaces as a whole: recent history and all likes per user."""
+
+    histories: Histories
+    likes: LikedPosts
+    watermark: int  # seconds: feed rows at or after this time have not been merged yet
+
+
+class Recommender:
+    def __init__(self, model: TwoTower, payload: dict[str, Any]):
+        serving = payload["serving"]
+        self.model = model.eval()
+        self.max_history = model.config.max_history
+        self.vocabs: dict[str, list[str]] = payload["vocabs"]
+        self.age_scaler = tuple(payload["age_scaler"])
+        self.post_ids = payload["post_ids"].numpy()
+        self.users = UserFeatures(
+            serving["user_ids"].numpy(), serving["user_categorical"].numpy(), serving["user_numeric"].numpy()
+        )
+        with torch.inference_mode():
+            self.item_matrix = model.item_embeddings().contiguous()
+        histories = Histories(
+            serving["hist_ptr"].numpy(),
+            serving["hist_time"].numpy(),
+            serving["hist_post"].numpy(),
+            serving["hist_action"].numpy(),
+        )
+        likes = LikedPosts(
+            serving["like_ptr"].numpy(), serving["like_time"].numpy(), serving["like_post"].numpy()
+        )
+        self.state = ServingState(histories, likes, int(serving["snapshot_end"]))
+        self.post_json: list[bytes | None] = [None] * len(self.post_ids)
+        self._refresh_lock = threading.Lock()
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], *, threads: int = 1) -> Recommender:
+        torch.set_num_threads(threads)
+        model = TwoTower(TwoTowerConfig(**payload["config"]))
+        model.load_state_dict(payload["state_dict"])
+        return cls(model, payload)
+
+    @property
+    def user_ids(self) -> np.ndarray:
+        return self.users.user_ids
+
+    def user_row(self, user_id: int) -> int:
+        """Row of a known user, -1 when the model file has no such user."""
+        return int(lookup(self.users.user_ids, np.array([user_id]))[0])
+
+    def static_features(self, user: Any) -> UserFeatures:
+        """Features of a user the model file does not hold (an ORM row or any object with the columns)."""
+        frame = pd.DataFrame(
+            [
+                {
+                    name: getattr(user, name)
+                    for name in ("gender", "country", "city", "exp_group", "os", "source", "age")
+                }
+            ]
+        )
+        frame["age_bucket"] = age_bucket(frame["age"])
+        categorical = np.stack([encode(frame[name], self.vocabs[name]) for name in USER_CATEGORICALS], axis=1)
+        mean, std = self.age_scaler
+        numeric = ((frame["age"].to_numpy(dtype=np.float32) - mean) / std)[:, None].astype(np.float32)
+        return UserFeatures(np.array([-1]), categorical, numeric)
+
+    def scores(self, user_row: int, time: int, *, users: UserFeatures | None = None) -> torch.Tensor:
+        """Like logits of every post for one user at `time` (history strictly before it)."""
+        state = self.state
+        if users is None:
+            users, histories, row = self.users, state.histories, user_row
+        else:  # a user unknown to the snapshot: static features only, empty history
+            histories, row = Histories(np.zeros(2, np.int64), *_empty_events()), 0
+        batch = make_user_batch(users, histories, np.array([row]), np.array([time]), self.max_history)
+        with torch.inference_mode():
+            user = self.model.users(batch, self.item_matrix[batch.hist_post])
+            return self.item_matrix @ user[0]
+
+    def recommend(
+        self, user_row: int, time: int, limit: int, *, users: UserFeatures | None = None
+    ) -> np.ndarray:
+        """Post rows of the top-`limit` posts, best first; ties go to the lower post id."""
+        scores = self.scores(user_row, time, users=users).numpy().copy()
+        if users is None:
+            scores[self.state.likes.before(user_row, time)] = -np.inf
+        limit = min(limit, len(scores))
+        candidates = np.argpartition(-scores, limit - 1)[:limit]
+        order = np.lexsort((candidates, -scores[candidates]))
+        return candidates[order]
+
+    def set_posts(self, posts: pd.DataFrame) -> int:
+        """Keep each post's response JSON (PostGet) in memory, so answers need no database; returns misses."""
+        frame = posts.set_index("post_id").reindex(self.post_ids)
+        missing = int(frame["text"].isna().sum())
+        self.post_json = [
+            None if pd.isna(text) else json.dumps({"id": int(pid), "text": text, "topic": topic}).encode()
+            for pid, text, topic in zip(self.post_ids, frame["text"], frame["topic"], strict=True)
+        ]
+        return missing
+
+    def response_body(self, rows: np.ndarray) -> bytes | None:
+        """The JSON list of PostGet for post rows; None if a post's text is not in memory."""
+        parts = [self.post_json[row] for row in rows]
+        return None if any(part is None for part in parts) else b"[" + b",".join(parts) + b"]"
+
+    def user_embeddings_at_end(self, *, chunk: int = 4096) -> np.ndarray:
+        """Every known user's embedding at the snapshot's end (for export)."""
+        rows = np.arange(len(self.users.user_ids))
+        out = []
+        state = self.state
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            times = np.full(len(part), state.watermark, dtype=np.int64)
+            batch = make_user_batch(self.users, state.histories, part, times, self.max_history)
+            with torch.inference_mode():
+                out.append(self.model.users(batch, self.item_matrix[batch.hist_post]).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.item_matrix.shape[1]), np.float32)
+
+    def refresh(self, new_rows: pd.DataFrame) -> int:
+        """Merge feed rows (timestamp >= watermark) into histories and likes; returns how many were new."""
+        with self._refresh_lock:
+            state = self.state
+            seconds = to_seconds(new_rows["timestamp"]) if len(new_rows) else np.zeros(0, np.int64)
+            fresh = new_rows[seconds >= state.watermark]
+            if fresh.empty:
+                return 0
+            old = _as_feed(state.histories, self.users.user_ids, self.post_ids)
+            merged = pd.concat([old, fresh[old.columns]], ignore_index=True).drop_duplicates()
+            added = len(merged) - len(old)
+            histories = build_user_histories(
+                merged, self.users.user_ids, self.post_ids, max_history=self.max_history
+            )
+            old_likes = _likes_as_feed(state.likes, self.users.user_ids, self.post_ids)
+            new_likes = fresh[fresh["action"] == "like"][old_likes.columns]
+            all_likes = pd.concat([old_likes, new_likes], ignore_index=True).drop_duplicates()
+            likes = liked_posts(build_user_histories(all_likes, self.users.user_ids, self.post_ids))
+            watermark = max(state.watermark, int(to_seconds(fresh["timestamp"]).max()))
+            self.state = ServingState(histories, likes, watermark)  # one assignment: readers see old or new
+            return added
+
+
+def parse_time(value: str) -> int:
+    return int(to_seconds(np.array([np.datetime64(datetime.strptime(value, "%Y-%m-%d %H:%M:%S"))]))[0])
+
+
+def _empty_events() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int8)
+
+
+def _as_feed(histories: Histories, user_ids: np.ndarray, post_ids: np.ndarray) -> pd.DataFrame:
+    owner = np.repeat(np.arange(len(histories.user_ptr) - 1), np.diff(histories.user_ptr))
+    return pd.DataFrame(
+        {
+            "timestamp": pd.to_datetime(histories.ev_time, unit="s"),
+            "user_id": user_ids[owner],
+            "post_id": post_ids[histories.ev_post],
+            "action": np.where(histories.ev_action == ACTION_LIKE, "like", "view"),
+        }
+    )
+
+
+def _likes_as_feed(likes: LikedPosts, user_ids: np.ndarray, post_ids: np.ndarray) -> pd.DataFrame:
+    owner = np.repeat(np.arange(len(likes.user_ptr) - 1), np.diff(likes.user_ptr))
+    return pd.DataFrame(
+        {
+            "timestamp": pd.to_datetime(likes.like_time, unit="s"),
+            "user_id": user_ids[owner],
+            "post_id": post_ids[likes.like_post],
+            "action": "like",
+        }
+    )

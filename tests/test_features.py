@@ -1,0 +1,156 @@
+"""Feature building: vectorised histories and aggregates, and the leakage rules they must keep."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features import (
+    ACTION_LIKE,
+    ACTION_VIEW,
+    UNKNOWN,
+    build_dataset,
+    build_user_histories,
+    build_vocab,
+    encode,
+    liked_posts,
+    post_statistics,
+    time_features,
+    to_seconds,
+)
+
+T0 = pd.Timestamp("2021-10-01 00:00:00")
+
+
+def make_feed(rng: np.random.Generator, n: int = 3000, n_users: int = 40, n_posts: int = 25) -> pd.DataFrame:
+    views = pd.DataFrame(
+        {
+            "timestamp": T0 + pd.to_timedelta(np.sort(rng.integers(0, 40 * 86400, n)), unit="s"),
+            "user_id": rng.integers(0, n_users, n) + 200,
+            "post_id": rng.integers(1, n_posts + 1, n),
+            "action": "view",
+            "target": (rng.random(n) < 0.15).astype(int),
+        }
+    )
+    likes = views[views["target"] == 1].assign(
+        timestamp=lambda f: f["timestamp"] + pd.Timedelta(seconds=30), action="like", target=0
+    )
+    return pd.concat([views, likes]).sort_values("timestamp", kind="stable").reset_index(drop=True)
+
+
+@pytest.fixture
+def feed() -> pd.DataFrame:
+    return make_feed(np.random.default_rng(0))
+
+
+def naive_history(feed: pd.DataFrame, user_id: int, time: pd.Timestamp, max_history: int) -> list[tuple]:
+    """The slow, obviously right definition: the user's last events strictly before `time`."""
+    rows = feed[(feed["user_id"] == user_id) & (feed["timestamp"] < time)]
+    rows = rows.assign(rank=(rows["action"] == "like").astype(int)).sort_values(
+        ["timestamp", "rank"], kind="stable"
+    )
+    return list(zip(rows["post_id"], rows["action"], strict=True))[-max_history:]
+
+
+def test_history_window_matches_the_slow_definition(feed):
+    user_ids = np.arange(200, 240)
+    post_ids = np.arange(1, 26)
+    histories = build_user_histories(feed, user_ids, post_ids)
+    rng = np.random.default_rng(1)
+    query_users = rng.integers(200, 240, 60)
+    query_times = T0 + pd.to_timedelta(rng.integers(0, 41 * 86400, 60), unit="s")
+    posts, actions, _recency, mask = histories.window(query_users - 200, to_seconds(query_times), 8)
+    for i, (user, time) in enumerate(zip(query_users, query_times, strict=True)):
+        expected = naive_history(feed, user, time, 8)
+        got = [
+            (post_ids[p], "like" if a == ACTION_LIKE else "view")
+            for p, a, m in zip(posts[i], actions[i], mask[i], strict=True)
+            if m
+        ]
+        assert got == expected, f"history of user {user} at {time} differs from the definition"
+
+
+def test_history_never_sees_an_event_at_or_after_its_time(feed):
+    histories = build_user_histories(feed, np.arange(200, 240), np.arange(1, 26))
+    sample = feed.sample(500, random_state=0)
+    rows, times = sample["user_id"].to_numpy() - 200, to_seconds(sample["timestamp"])
+    end = histories.last_before(rows, times)
+    posts, _actions, _recency, mask = histories.window(rows, times, 16)
+    last_index = end - 1
+    has_any = mask.any(axis=1)
+    assert (histories.ev_time[last_index[has_any]] < times[has_any]).all(), "an event at/after t leaked"
+    # the event at exactly the query time is excluded, the one just before is included
+    assert mask.sum() > 0 and posts.shape == (500, 16)
+
+
+def test_tail_keeps_the_last_events_per_user(feed):
+    full = build_user_histories(feed, np.arange(200, 240), np.arange(1, 26))
+    tail = full.tail(5)
+    assert (np.diff(tail.user_ptr) == np.minimum(np.diff(full.user_ptr), 5)).all()
+    for user in (0, 7, 39):
+        kept = tail.ev_time[tail.user_ptr[user] : tail.user_ptr[user + 1]]
+        last = full.ev_time[full.user_ptr[user + 1] - len(kept) : full.user_ptr[user + 1]]
+        assert np.array_equal(kept, last), f"user row {user}: tail is not the last events"
+
+
+def test_liked_posts_before_is_strict(feed):
+    histories = build_user_histories(feed, np.arange(200, 240), np.arange(1, 26))
+    likes = liked_posts(histories)
+    first_like = feed[feed["action"] == "like"].iloc[0]
+    row, t = int(first_like["user_id"]) - 200, int(to_seconds(pd.Series([first_like["timestamp"]]))[0])
+    assert int(first_like["post_id"]) - 1 not in likes.before(row, t).tolist()
+    assert int(first_like["post_id"]) - 1 in likes.before(row, t + 1).tolist()
+
+
+def test_post_statistics_use_only_events_before_the_cutoff(feed):
+    post_ids = np.arange(1, 26)
+    cutoff = int(to_seconds(pd.Series([T0 + pd.Timedelta(days=20)]))[0])
+    before = post_statistics(feed, post_ids, cutoff=cutoff, window_days=20)
+    later = feed[to_seconds(feed["timestamp"]) >= cutoff]
+    scrambled = later.assign(action="like", post_id=1)  # change everything after the cutoff
+    changed = pd.concat([feed[to_seconds(feed["timestamp"]) < cutoff], scrambled])
+    assert np.array_equal(before, post_statistics(changed, post_ids, cutoff=cutoff, window_days=20))
+    assert not np.array_equal(
+        before, post_statistics(feed, post_ids, cutoff=cutoff + 86400 * 10, window_days=20)
+    )
+
+
+def test_dataset_split_is_temporal_and_aggregates_ignore_the_test_window(feed):
+    users = pd.DataFrame(
+        {
+            "user_id": np.arange(200, 240),
+            "gender": 0,
+            "age": 30,
+            "country": "Russia",
+            "city": "Moscow",
+            "exp_group": 1,
+            "os": "iOS",
+            "source": "ads",
+        }
+    )
+    posts = pd.DataFrame({"post_id": np.arange(1, 26), "text": "t", "topic": "movie"})
+    data = build_dataset(users, posts, feed, test_days=10)
+    assert (data.train_views.times < data.cutoff - 3600).all()
+    assert (data.train_likes.times < data.cutoff).all()
+    assert (data.test_views.times >= data.cutoff).all()
+    mutated = feed.copy()
+    after = to_seconds(mutated["timestamp"]) >= data.cutoff
+    mutated.loc[after, "post_id"] = 1
+    again = build_dataset(users, posts, mutated, test_days=10)
+    assert again.cutoff == data.cutoff
+    assert np.array_equal(again.post_stats, data.post_stats), "post statistics saw the test window"
+
+
+def test_unknown_category_maps_to_the_unknown_bucket():
+    vocab = build_vocab(pd.Series(["Moscow", "Moscow", "Omsk"]))
+    assert vocab[0] == UNKNOWN
+    assert encode(pd.Series(["Omsk", "Atlantis"]), vocab).tolist() == [vocab.index("Omsk"), 0]
+
+
+def test_time_features_are_periodic():
+    day = 86400
+    base = to_seconds(pd.Series([T0]))
+    assert np.allclose(time_features(base), time_features(base + 7 * day), atol=1e-5)
+    assert not np.allclose(time_features(base), time_features(base + 6 * 3600))
+    assert ACTION_VIEW != ACTION_LIKE

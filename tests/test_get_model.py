@@ -1,0 +1,130 @@
+"""The model file: atomic writes, safe loading, and one clear error for every way it can be wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from get_model import FORMAT, REQUIRED_KEYS, ModelFileError, get_model, load_model_file, save_model_file
+from settings import Settings
+
+
+def payload() -> dict:
+    body = {key: {} for key in REQUIRED_KEYS}
+    body |= {"format": FORMAT, "state_dict": {"w": torch.arange(6.0)}, "post_ids": torch.arange(3)}
+    return body
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_marker",))
+
+
+def test_round_trip_with_weights_only(tmp_path):
+    path = save_model_file(payload(), tmp_path / "model.pt")
+    loaded = load_model_file(path)
+    assert torch.equal(loaded["state_dict"]["w"], torch.arange(6.0))
+    assert not list(tmp_path.glob(".model.pt.*")), "temporary file left behind"
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = save_model_file(payload(), tmp_path / "model.pt")
+    before = path.read_bytes()
+
+    def crash(*_args, **_kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_model_file(payload() | {"metrics": {"new": 1.0}}, path)
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".model.pt.*"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model_file(tmp_path / "nope.pt")
+
+
+def test_truncated_file(tmp_path):
+    path = save_model_file(payload(), tmp_path / "model.pt")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ModelFileError, match="corrupt or truncated"):
+        load_model_file(path)
+
+
+def test_other_format_version(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"state_dict": {}, "format": "post-recommender/1"}, path)
+    with pytest.raises(ModelFileError, match="expected 'post-recommender/2'"):
+        load_model_file(path)
+
+
+def test_pickle_with_code_is_refused_and_never_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "payload": Evil()}, path)
+    with pytest.raises(ModelFileError, match="refusing to load"):
+        load_model_file(path)
+    assert not (tmp_path / "pwned_marker").exists(), "the pickle's code ran"
+
+
+def test_wrong_checksum(tmp_path):
+    path = save_model_file(payload(), tmp_path / "model.pt")
+    with pytest.raises(ModelFileError, match="does not match MODEL_SHA256"):
+        load_model_file(path, sha256="0" * 64)
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=served, **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_download_verifies_checksum_and_caches(tmp_path, file_server):
+    served, base = file_server
+    path = save_model_file(payload(), served / "model.pt")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    settings = Settings(
+        model_path=tmp_path / "absent.pt",
+        model_url=f"{base}/model.pt",
+        model_sha256=digest,
+        model_cache_dir=tmp_path / "cache",
+    )
+    loaded = get_model(settings)
+    assert torch.equal(loaded["post_ids"], torch.arange(3))
+    assert (tmp_path / "cache" / f"{digest}.pt").is_file()
+
+    bad = settings.replace(model_sha256="f" * 64, model_cache_dir=tmp_path / "cache2")
+    with pytest.raises(ModelFileError, match="expected"):
+        get_model(bad)
+    assert not any((tmp_path / "cache2").iterdir()), "a file that failed its checksum was kept"
+
+
+def test_unreachable_url_is_a_clear_error(tmp_path):
+    settings = Settings(
+        model_path=tmp_path / "absent.pt",
+        model_url="http://127.0.0.1:9/model.pt",
+        model_sha256="a" * 64,
+        model_cache_dir=tmp_path / "cache",
+    )
+    with pytest.raises(ModelFileError, match="could not download"):
+        get_model(settings)
+
+
+def test_settings_require_checksum_with_url():
+    with pytest.raises(ValueError, match="MODEL_SHA256"):
+        Settings(model_url="http://example.invalid/model.pt")
+    assert Path(Settings().model_path).name == "model.pt"
