@@ -161,7 +161,7 @@ def evaluate_model(
     def model_block(rows: np.ndarray) -> np.ndarray:
         times = np.full(len(rows), data.cutoff, dtype=np.int64)
         with torch.inference_mode():
-            batch = make_user_batch(data.users, data.histories, rows, times, model.config.max_history)
+            batch = make_user_batch(data.users, data.histories, rows, times, model.config)
             return (model.ranking_user_vector(model.user_embeddings(batch)) @ item_matrix.T).numpy()
 
     results["model"] = pointwise_metrics(test.labels, predict(model, data.users, data.histories, test))

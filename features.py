@@ -8,6 +8,7 @@ Times are int64 seconds since the Unix epoch everywhere below. Leakage rules, ea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -145,29 +146,42 @@ def fit_scaler(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Histories:
     """Every user's events in time order, as flat arrays (CSR by user row).
 
-    Events of user row u are ev_*[user_ptr[u]:user_ptr[u + 1]], sorted by time.
+    Events of user row u are ev_*[user_ptr[u]:user_ptr[u + 1]], sorted by time. ev_seen / ev_liked count
+    the user's events / likes up to and including each event over the WHOLE history, so they stay right
+    after tail() keeps only the last events. `likes` holds the like events alone (all of them): the
+    long-term memory the user tower reads beside the recent events, and the serving exclusions.
     """
 
     user_ptr: np.ndarray  # int64 [n_users + 1]
     ev_time: np.ndarray  # int64 seconds
     ev_post: np.ndarray  # int32 post row
     ev_action: np.ndarray  # int8: ACTION_VIEW | ACTION_LIKE
+    ev_seen: np.ndarray  # int32
+    ev_liked: np.ndarray  # int32
+    likes: Histories | None = None
 
     @property
     def n_events(self) -> int:
         return len(self.ev_time)
 
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ptr) - 1
+
+    def owner(self) -> np.ndarray:
+        """The user row of every event."""
+        return np.repeat(np.arange(self.n_users), np.diff(self.user_ptr))
+
     def last_before(self, user_rows: np.ndarray, times: np.ndarray) -> np.ndarray:
         """Per query, the index one past the user's last event with time < the query time."""
         user_rows = np.asarray(user_rows, dtype=np.int64)
         times = np.asarray(times, dtype=np.int64)
-        starts, ends = self.user_ptr[user_rows], self.user_ptr[user_rows + 1]
+        lo, hi = self.user_ptr[user_rows].copy(), self.user_ptr[user_rows + 1].copy()
         # Binary search inside each user's segment, all queries at once: O(log n) numpy steps.
-        lo, hi = starts.copy(), ends.copy()
         while self.n_events:
             active = lo < hi
             if not active.any():
-                return lo
+                break
             mid = (lo + hi) // 2
             go_right = active & (self.ev_time[np.minimum(mid, self.n_events - 1)] < times)
             lo = np.where(go_right, mid + 1, lo)
@@ -187,33 +201,121 @@ class Histories:
         end = self.last_before(user_rows, times)
         index = end[:, None] - max_history + np.arange(max_history)[None, :]
         mask = index >= self.user_ptr[user_rows][:, None]
-        safe = np.where(mask, index, 0)
         if self.n_events == 0:
             zeros = np.zeros(mask.shape, dtype=np.int64)
             return zeros, zeros, zeros, mask
+        safe = np.where(mask, index, 0)
         posts = np.where(mask, self.ev_post[safe], 0).astype(np.int64)
         actions = np.where(mask, self.ev_action[safe], 0).astype(np.int64)
         age = times[:, None] - self.ev_time[safe]
         recency = np.where(mask, np.searchsorted(RECENCY_BUCKETS, age, side="right"), 0).astype(np.int64)
         return posts, actions, recency, mask
 
-    def count_before(self, user_rows: np.ndarray, times: np.ndarray) -> np.ndarray:
-        """How many events each user had strictly before each time."""
-        return self.last_before(user_rows, times) - self.user_ptr[np.asarray(user_rows, dtype=np.int64)]
+    def counts_before(self, user_rows: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(events, likes) each user had strictly before each time, over the whole history."""
+        user_rows = np.asarray(user_rows, dtype=np.int64)
+        end = self.last_before(user_rows, times)
+        has_any = end > self.user_ptr[user_rows]
+        last = np.maximum(end - 1, 0)
+        if self.n_events == 0:
+            return np.zeros(len(end), np.int64), np.zeros(len(end), np.int64)
+        return (
+            np.where(has_any, self.ev_seen[last], 0).astype(np.int64),
+            np.where(has_any, self.ev_liked[last], 0).astype(np.int64),
+        )
 
-    def tail(self, max_history: int) -> Histories:
-        """Only each user's last max_history events (the serving snapshot)."""
-        counts = np.diff(self.user_ptr)
-        keep_from = self.user_ptr[1:] - np.minimum(counts, max_history)
-        owner = np.repeat(np.arange(len(counts)), counts)
-        keep = np.arange(self.n_events) >= keep_from[owner]
-        kept = np.minimum(counts, max_history)
+    def posts_before(self, user_row: int, time: int) -> np.ndarray:
+        """Post rows of the user's events strictly before `time` (on `likes`: the posts liked before it)."""
+        start, end = self.user_ptr[user_row], self.user_ptr[user_row + 1]
+        stop = start + np.searchsorted(self.ev_time[start:end], time, side="left")
+        return self.ev_post[start:stop]
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ("user_ptr", "ev_time", "ev_post", "ev_action", "ev_seen", "ev_liked")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (the model file's serving snapshot); the likes under "likes_" names."""
+        arrays = {name: getattr(self, name) for name in self.ARRAYS}
+        if self.likes is not None:
+            arrays |= {f"likes_{name}": getattr(self.likes, name) for name in self.ARRAYS}
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Histories:
+        histories = cls(*(np.asarray(arrays[name]) for name in cls.ARRAYS))
+        if "likes_user_ptr" in arrays:
+            histories.likes = cls(*(np.asarray(arrays[f"likes_{name}"]) for name in cls.ARRAYS))
+        return histories
+
+    def select(self, keep: np.ndarray) -> Histories:
+        """The events where keep is True (counts stay those of the whole history)."""
+        counts = np.bincount(self.owner()[keep], minlength=self.n_users)
         return Histories(
-            np.concatenate([[0], np.cumsum(kept)]).astype(np.int64),
+            np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
             self.ev_time[keep],
             self.ev_post[keep],
             self.ev_action[keep],
+            self.ev_seen[keep],
+            self.ev_liked[keep],
+            self.likes,
         )
+
+    def tail(self, max_history: int) -> Histories:
+        """Only each user's last max_history events (the serving snapshot); `likes` stays whole."""
+        counts = np.diff(self.user_ptr)
+        keep_from = self.user_ptr[1:] - np.minimum(counts, max_history)
+        return self.select(np.arange(self.n_events) >= keep_from[self.owner()])
+
+    def merge(self, new: Histories) -> Histories:
+        """These events followed by `new` ones (later in time), with the whole-history counts continued."""
+        last = np.maximum(self.user_ptr[1:] - 1, 0)
+        has_any = np.diff(self.user_ptr) > 0
+        seen_before = np.where(has_any, self.ev_seen[last] if self.n_events else 0, 0)
+        liked_before = np.where(has_any, self.ev_liked[last] if self.n_events else 0, 0)
+        owner = new.owner()
+        events = _from_arrays(
+            np.concatenate([self.owner(), owner]),
+            np.concatenate([self.ev_time, new.ev_time]),
+            np.concatenate([self.ev_post, new.ev_post]),
+            np.concatenate([self.ev_action, new.ev_action]),
+            self.n_users,
+            seen=np.concatenate([self.ev_seen, new.ev_seen + seen_before[owner]]),
+            liked=np.concatenate([self.ev_liked, new.ev_liked + liked_before[owner]]),
+        )
+        if self.likes is not None and new.likes is not None:
+            events.likes = self.likes.merge(new.likes)
+        return events
+
+
+def _from_arrays(
+    owner: np.ndarray,
+    seconds: np.ndarray,
+    post_rows: np.ndarray,
+    actions: np.ndarray,
+    n_users: int,
+    *,
+    seen: np.ndarray | None = None,
+    liked: np.ndarray | None = None,
+) -> Histories:
+    """Sort events by (user, time, like after view) into Histories; counts computed unless given."""
+    order = np.lexsort((actions, seconds, owner))
+    owner, actions = owner[order], actions[order]
+    counts = np.bincount(owner, minlength=n_users)
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    if seen is None or liked is None:
+        seen = np.arange(len(owner)) - ptr[owner] + 1
+        cumulative = np.cumsum(actions == ACTION_LIKE)
+        before_user = np.concatenate([[0], cumulative])[ptr[:-1]]
+        liked = cumulative - before_user[owner]
+    else:
+        seen, liked = seen[order], liked[order]
+    return Histories(
+        ptr,
+        seconds[order].astype(np.int64),
+        post_rows[order].astype(np.int32),
+        actions.astype(np.int8),
+        seen.astype(np.int32),
+        liked.astype(np.int32),
+    )
 
 
 def build_user_histories(
@@ -223,50 +325,17 @@ def build_user_histories(
 
     A view's `target` is not used: it reveals a like that may happen after the history's cutoff. The
     like itself enters as its own event at its own time. Events naming an unknown user or post are
-    dropped. With max_history, only each user's last max_history events are kept.
+    dropped. With max_history, only each user's last max_history events are kept (likes stay whole).
     """
     user_rows = lookup(user_ids, feed["user_id"].to_numpy())
     post_rows = lookup(post_ids, feed["post_id"].to_numpy())
     keep = (user_rows >= 0) & (post_rows >= 0)
-    seconds = to_seconds(feed["timestamp"])[keep]
-    user_rows, post_rows = user_rows[keep], post_rows[keep]
     actions = np.where(feed["action"].to_numpy()[keep] == "like", ACTION_LIKE, ACTION_VIEW).astype(np.int8)
-    order = np.lexsort((actions, seconds, user_rows))  # by user, then time; a like after its view
-    counts = np.bincount(user_rows, minlength=len(user_ids))
-    histories = Histories(
-        np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        seconds[order],
-        post_rows[order].astype(np.int32),
-        actions[order],
+    histories = _from_arrays(
+        user_rows[keep], to_seconds(feed["timestamp"])[keep], post_rows[keep], actions, len(user_ids)
     )
+    histories.likes = histories.select(histories.ev_action == ACTION_LIKE)
     return histories.tail(max_history) if max_history is not None else histories
-
-
-@dataclass
-class LikedPosts:
-    """Each user's likes (post row, time), CSR by user row, time-ordered: the serving exclusions."""
-
-    user_ptr: np.ndarray
-    like_time: np.ndarray
-    like_post: np.ndarray
-
-    def before(self, user_row: int, time: int) -> np.ndarray:
-        """Post rows the user liked strictly before `time`."""
-        start, end = self.user_ptr[user_row], self.user_ptr[user_row + 1]
-        stop = start + np.searchsorted(self.like_time[start:end], time, side="left")
-        return self.like_post[start:stop]
-
-
-def liked_posts(histories: Histories) -> LikedPosts:
-    """The like events of `histories` as LikedPosts."""
-    is_like = histories.ev_action == ACTION_LIKE
-    owner = np.repeat(np.arange(len(histories.user_ptr) - 1), np.diff(histories.user_ptr))
-    counts = np.bincount(owner[is_like], minlength=len(histories.user_ptr) - 1)
-    return LikedPosts(
-        np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        histories.ev_time[is_like],
-        histories.ev_post[is_like],
-    )
 
 
 # ----------------------------------------------------------------------------- the training set

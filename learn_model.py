@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from features import (
+    LIKE_RATE_PRIOR_VIEWS,
     POST_STAT_NAMES,
     RECENCY_BUCKETS,
     Histories,
@@ -153,11 +154,12 @@ class TwoTowerConfig:
     user_cardinalities: list[int]  # vocabulary sizes of features.USER_CATEGORICALS, in order
     text_dim: int = 128
     n_post_stats: int = len(POST_STAT_NAMES)
-    n_user_numeric: int = 6  # standardised age, 4 request-time features, log history length
+    n_user_numeric: int = 8  # age, 4 request-time features, log events, log likes, like rate (before t)
     embed_dim: int = 64
     hidden_dim: int = 256
     category_dim: int = 16
-    max_history: int = 20
+    max_history: int = 20  # recent events (views and likes) the transformer reads
+    max_likes: int = 10  # and the user's last likes, however old: the long-term taste
     n_layers: int = 1
     n_heads: int = 2
     ff_dim: int = 128
@@ -181,20 +183,33 @@ class UserBatch:
 
 
 def make_user_batch(
-    users: UserFeatures, histories: Histories, user_rows: np.ndarray, times: np.ndarray, max_history: int
+    users: UserFeatures,
+    histories: Histories,
+    user_rows: np.ndarray,
+    times: np.ndarray,
+    config: TwoTowerConfig,
 ) -> UserBatch:
-    """Gather the user-tower inputs; histories hold only events strictly before each time."""
+    """Gather the user-tower inputs; every history input holds only events strictly before each time."""
     user_rows = np.asarray(user_rows, dtype=np.int64)
     times = np.asarray(times, dtype=np.int64)
-    posts, actions, recency, mask = histories.window(user_rows, times, max_history)
-    n_prior = histories.count_before(user_rows, times)
+    posts, actions, recency, mask = histories.window(user_rows, times, config.max_history)
+    if config.max_likes and histories.likes is not None:
+        windows = zip(
+            (posts, actions, recency, mask),
+            histories.likes.window(user_rows, times, config.max_likes),
+            strict=True,
+        )
+        posts, actions, recency, mask = (np.concatenate(pair, axis=1) for pair in windows)
+    n_events, n_likes = histories.counts_before(user_rows, times)
+    like_rate = (n_likes + LIKE_RATE_PRIOR_VIEWS * 0.12) / (n_events - n_likes + LIKE_RATE_PRIOR_VIEWS)
     numeric = np.concatenate(
         [
             users.numeric[user_rows],
             time_features(times),
-            (np.log1p(n_prior) / 5.0)[:, None].astype(np.float32),
+            np.stack([np.log1p(n_events) / 5.0, np.log1p(n_likes) / 3.0, like_rate * 5.0], axis=1),
         ],
         axis=1,
+        dtype=np.float32,
     )
     return UserBatch(
         torch.from_numpy(users.categorical[user_rows]),
@@ -246,7 +261,7 @@ class UserTower(nn.Module):
         d = config.embed_dim
         self.action = nn.Embedding(2, d)
         self.recency = nn.Embedding(config.n_recency, d)
-        self.position = nn.Parameter(torch.zeros(config.max_history + 1, d))
+        self.position = nn.Parameter(torch.zeros(config.max_history + config.max_likes + 1, d))
         self.summary_token = nn.Parameter(torch.zeros(1, 1, d))  # keeps an empty history well defined
         layer = nn.TransformerEncoderLayer(
             d, config.n_heads, config.ff_dim, config.dropout, batch_first=True, norm_first=True
@@ -378,9 +393,7 @@ def predict(
     out = np.empty(len(samples), dtype=np.float32)
     for start in range(0, len(samples), batch_size):
         part = slice(start, start + batch_size)
-        batch = make_user_batch(
-            users, histories, samples.user_rows[part], samples.times[part], model.config.max_history
-        )
+        batch = make_user_batch(users, histories, samples.user_rows[part], samples.times[part], model.config)
         out[part] = model(batch, torch.from_numpy(samples.post_rows[part])).numpy()
     return out
 
@@ -460,17 +473,13 @@ def train_two_tower(
             loss = torch.zeros(())
             if view_batches is not None:
                 part = views.subset(next(view_batches))
-                batch = make_user_batch(
-                    users, histories, part.user_rows, part.times, model.config.max_history
-                )
+                batch = make_user_batch(users, histories, part.user_rows, part.times, model.config)
                 loss = loss + bce_loss(
                     model, batch, torch.from_numpy(part.post_rows), torch.from_numpy(part.labels)
                 )
             if like_batches is not None:
                 part = likes.subset(next(like_batches))
-                batch = make_user_batch(
-                    users, histories, part.user_rows, part.times, model.config.max_history
-                )
+                batch = make_user_batch(users, histories, part.user_rows, part.times, model.config)
                 loss = loss + softmax_weight * sampled_softmax_loss(
                     model, batch, torch.from_numpy(part.post_rows), log_q
                 )

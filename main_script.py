@@ -33,7 +33,6 @@ from features import (
     Dataset,
     build_dataset,
     build_user_histories,
-    liked_posts,
     post_statistics,
     to_seconds,
 )
@@ -224,9 +223,6 @@ def model_payload(
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["post_stats"] = torch.from_numpy((serving_stats - mean) / std)
     recent = build_user_histories(feed, data.users.user_ids, data.post_ids, max_history=settings.max_history)
-    likes = liked_posts(
-        build_user_histories(feed[feed["action"] == "like"], data.users.user_ids, data.post_ids)
-    )
     iso = lambda s: datetime.fromtimestamp(s, UTC).strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
     return {
         "format": FORMAT,
@@ -249,13 +245,7 @@ def model_payload(
             "user_ids": torch.from_numpy(data.users.user_ids),
             "user_categorical": torch.from_numpy(data.users.categorical),
             "user_numeric": torch.from_numpy(data.users.numeric),
-            "hist_ptr": torch.from_numpy(recent.user_ptr),
-            "hist_time": torch.from_numpy(recent.ev_time),
-            "hist_post": torch.from_numpy(recent.ev_post),
-            "hist_action": torch.from_numpy(recent.ev_action),
-            "like_ptr": torch.from_numpy(likes.user_ptr),
-            "like_time": torch.from_numpy(likes.like_time),
-            "like_post": torch.from_numpy(likes.like_post),
+            **{f"history_{name}": torch.from_numpy(array) for name, array in recent.to_arrays().items()},
         },
     }
 
@@ -376,7 +366,7 @@ def evaluate_saved(settings: Settings, *, progress: bool = True) -> dict[str, di
         posts,
         feed,
         test_days=settings.test_days,
-        train_sample=0,
+        train_sample=settings.train_sample,
         seed=settings.seed,
         vocabs=payload["vocabs"],
         age_scaler=tuple(payload["age_scaler"]),
@@ -418,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             vectors = embed_stage(settings, posts, progress=progress)
             print(f"{len(vectors)} posts embedded: {vectors.shape[1]}-D, cache in {settings.embed_cache_dir}")
         elif command in ("all", "train"):
-            if command == "all" and args.if_missing and settings.model_path.is_file():
+            if command == "all" and getattr(args, "if_missing", False) and settings.model_path.is_file():
                 print(f"model file {settings.model_path} present: skipping training")
                 return 0
             if command == "train":

@@ -19,15 +19,12 @@ import pandas as pd
 import torch
 
 from features import (
-    ACTION_LIKE,
     USER_CATEGORICALS,
     Histories,
-    LikedPosts,
     UserFeatures,
     age_bucket,
     build_user_histories,
     encode,
-    liked_posts,
     lookup,
     to_seconds,
 )
@@ -36,11 +33,10 @@ from learn_model import TwoTower, TwoTowerConfig, make_user_batch
 
 @dataclass
 class ServingState:
-    """What a refresh replaces as a whole: recent history and all likes per user."""
+    """What a refresh replaces as a whole: recent events and all likes per user (histories.likes)."""
 
     histories: Histories
-    likes: LikedPosts
-    watermark: int  # seconds: feed rows at or after this time have not been merged yet
+    watermark: int  # seconds: every feed row before this time has been merged
 
 
 class Recommender:
@@ -56,16 +52,11 @@ class Recommender:
         )
         with torch.inference_mode():
             self.item_matrix = model.item_embeddings().contiguous()
-        histories = Histories(
-            serving["hist_ptr"].numpy(),
-            serving["hist_time"].numpy(),
-            serving["hist_post"].numpy(),
-            serving["hist_action"].numpy(),
+        prefix = "history_"
+        histories = Histories.from_arrays(
+            {k.removeprefix(prefix): v.numpy() for k, v in serving.items() if k.startswith(prefix)}
         )
-        likes = LikedPosts(
-            serving["like_ptr"].numpy(), serving["like_time"].numpy(), serving["like_post"].numpy()
-        )
-        self.state = ServingState(histories, likes, int(serving["snapshot_end"]))
+        self.state = ServingState(histories, int(serving["snapshot_end"]))
         self.post_json: list[bytes | None] = [None] * len(self.post_ids)
         self._refresh_lock = threading.Lock()
 
@@ -106,8 +97,8 @@ class Recommender:
         if users is None:
             users, histories, row = self.users, state.histories, user_row
         else:  # a user unknown to the snapshot: static features only, empty history
-            histories, row = Histories(np.zeros(2, np.int64), *_empty_events()), 0
-        batch = make_user_batch(users, histories, np.array([row]), np.array([time]), self.max_history)
+            histories, row = _EMPTY_HISTORY, 0
+        batch = make_user_batch(users, histories, np.array([row]), np.array([time]), self.model.config)
         with torch.inference_mode():
             user = self.model.users(batch, self.item_matrix[batch.hist_post])
             return self.item_matrix @ user[0]
@@ -118,7 +109,7 @@ class Recommender:
         """Post rows of the top-`limit` posts, best first; ties go to the lower post id."""
         scores = self.scores(user_row, time, users=users).numpy().copy()
         if users is None:
-            scores[self.state.likes.before(user_row, time)] = -np.inf
+            scores[self.state.histories.likes.posts_before(user_row, time)] = -np.inf
         limit = min(limit, len(scores))
         candidates = np.argpartition(-scores, limit - 1)[:limit]
         order = np.lexsort((candidates, -scores[candidates]))
@@ -147,61 +138,54 @@ class Recommender:
         for start in range(0, len(rows), chunk):
             part = rows[start : start + chunk]
             times = np.full(len(part), state.watermark, dtype=np.int64)
-            batch = make_user_batch(self.users, state.histories, part, times, self.max_history)
+            batch = make_user_batch(self.users, state.histories, part, times, self.model.config)
             with torch.inference_mode():
                 out.append(self.model.users(batch, self.item_matrix[batch.hist_post]).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.item_matrix.shape[1]), np.float32)
 
     def refresh(self, new_rows: pd.DataFrame) -> int:
-        """Merge feed rows (timestamp >= watermark) into histories and likes; returns how many were new."""
+        """Merge feed rows (timestamp >= watermark) into the histories; returns how many were new.
+
+        Rows at exactly the watermark second may have been merged already: those are dropped here.
+        """
         with self._refresh_lock:
             state = self.state
             seconds = to_seconds(new_rows["timestamp"]) if len(new_rows) else np.zeros(0, np.int64)
             fresh = new_rows[seconds >= state.watermark]
+            fresh = fresh[~_already_merged(fresh, state, self.users.user_ids, self.post_ids)]
             if fresh.empty:
                 return 0
-            old = _as_feed(state.histories, self.users.user_ids, self.post_ids)
-            merged = pd.concat([old, fresh[old.columns]], ignore_index=True).drop_duplicates()
-            added = len(merged) - len(old)
-            histories = build_user_histories(
-                merged, self.users.user_ids, self.post_ids, max_history=self.max_history
-            )
-            old_likes = _likes_as_feed(state.likes, self.users.user_ids, self.post_ids)
-            new_likes = fresh[fresh["action"] == "like"][old_likes.columns]
-            all_likes = pd.concat([old_likes, new_likes], ignore_index=True).drop_duplicates()
-            likes = liked_posts(build_user_histories(all_likes, self.users.user_ids, self.post_ids))
+            new = build_user_histories(fresh, self.users.user_ids, self.post_ids)
+            histories = state.histories.merge(new).tail(self.max_history)
             watermark = max(state.watermark, int(to_seconds(fresh["timestamp"]).max()))
-            self.state = ServingState(histories, likes, watermark)  # one assignment: readers see old or new
-            return added
+            self.state = ServingState(histories, watermark)  # one assignment: readers see old or new
+            return int(new.n_events)
 
 
 def parse_time(value: str) -> int:
     return int(to_seconds(np.array([np.datetime64(datetime.strptime(value, "%Y-%m-%d %H:%M:%S"))]))[0])
 
 
-def _empty_events() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int8)
+_EMPTY_HISTORY = Histories(*(np.zeros(n, dtype) for n, dtype in ((2, np.int64), *[(0, np.int64)] * 5)))
+_EMPTY_HISTORY.likes = _EMPTY_HISTORY
 
 
-def _as_feed(histories: Histories, user_ids: np.ndarray, post_ids: np.ndarray) -> pd.DataFrame:
-    owner = np.repeat(np.arange(len(histories.user_ptr) - 1), np.diff(histories.user_ptr))
-    return pd.DataFrame(
+def _already_merged(
+    fresh: pd.DataFrame, state: ServingState, user_ids: np.ndarray, post_ids: np.ndarray
+) -> np.ndarray:
+    """Rows of `fresh` equal to an event already merged at the watermark second."""
+    histories = state.histories
+    at_mark = histories.ev_time == state.watermark
+    if not at_mark.any() or fresh.empty:
+        return np.zeros(len(fresh), dtype=bool)
+    owner = histories.owner()[at_mark]
+    merged = pd.DataFrame(
         {
-            "timestamp": pd.to_datetime(histories.ev_time, unit="s"),
             "user_id": user_ids[owner],
-            "post_id": post_ids[histories.ev_post],
-            "action": np.where(histories.ev_action == ACTION_LIKE, "like", "view"),
+            "post_id": post_ids[histories.ev_post[at_mark]],
+            "action": np.where(histories.ev_action[at_mark] == 1, "like", "view"),
+            "timestamp": pd.to_datetime(histories.ev_time[at_mark], unit="s"),
         }
-    )
-
-
-def _likes_as_feed(likes: LikedPosts, user_ids: np.ndarray, post_ids: np.ndarray) -> pd.DataFrame:
-    owner = np.repeat(np.arange(len(likes.user_ptr) - 1), np.diff(likes.user_ptr))
-    return pd.DataFrame(
-        {
-            "timestamp": pd.to_datetime(likes.like_time, unit="s"),
-            "user_id": user_ids[owner],
-            "post_id": post_ids[likes.like_post],
-            "action": "like",
-        }
-    )
+    ).drop_duplicates()
+    keys = fresh[["user_id", "post_id", "action", "timestamp"]].merge(merged, how="left", indicator=True)
+    return (keys["_merge"] == "both").to_numpy()

@@ -14,7 +14,6 @@ from features import (
     build_user_histories,
     build_vocab,
     encode,
-    liked_posts,
     post_statistics,
     time_features,
     to_seconds,
@@ -95,12 +94,35 @@ def test_tail_keeps_the_last_events_per_user(feed):
 
 
 def test_liked_posts_before_is_strict(feed):
-    histories = build_user_histories(feed, np.arange(200, 240), np.arange(1, 26))
-    likes = liked_posts(histories)
+    likes = build_user_histories(feed, np.arange(200, 240), np.arange(1, 26)).likes
     first_like = feed[feed["action"] == "like"].iloc[0]
     row, t = int(first_like["user_id"]) - 200, int(to_seconds(pd.Series([first_like["timestamp"]]))[0])
-    assert int(first_like["post_id"]) - 1 not in likes.before(row, t).tolist()
-    assert int(first_like["post_id"]) - 1 in likes.before(row, t + 1).tolist()
+    assert int(first_like["post_id"]) - 1 not in likes.posts_before(row, t).tolist()
+    assert int(first_like["post_id"]) - 1 in likes.posts_before(row, t + 1).tolist()
+
+
+def test_counts_before_cover_the_whole_history_even_after_tail(feed):
+    full = build_user_histories(feed, np.arange(200, 240), np.arange(1, 26))
+    tail = full.tail(3)
+    rows = np.arange(40)
+    end = to_seconds(pd.Series([feed["timestamp"].max()]))[0] + 1
+    times = np.full(40, end)
+    events, likes = tail.counts_before(rows, times)
+    per_user = feed.groupby("user_id")["action"].agg(["size", lambda a: (a == "like").sum()])
+    per_user = per_user.reindex(np.arange(200, 240), fill_value=0)
+    assert np.array_equal(events, per_user["size"].to_numpy())
+    assert np.array_equal(likes, per_user.iloc[:, 1].to_numpy())
+
+
+def test_merge_continues_counts_and_equals_building_at_once(feed):
+    users, posts = np.arange(200, 240), np.arange(1, 26)
+    split = len(feed) // 2
+    whole = build_user_histories(feed, users, posts).tail(6)
+    first = build_user_histories(feed.iloc[:split], users, posts, max_history=6)
+    merged = first.merge(build_user_histories(feed.iloc[split:], users, posts)).tail(6)
+    for name in ("user_ptr", "ev_time", "ev_post", "ev_action", "ev_seen", "ev_liked"):
+        assert np.array_equal(getattr(merged, name), getattr(whole, name)), name
+    assert np.array_equal(merged.likes.ev_post, whole.likes.ev_post)
 
 
 def test_post_statistics_use_only_events_before_the_cutoff(feed):
