@@ -266,21 +266,52 @@ class Histories:
         return self.select(np.arange(self.n_events) >= keep_from[self.owner()])
 
     def merge(self, new: Histories) -> Histories:
-        """These events followed by `new` ones (later in time), with the whole-history counts continued."""
+        """These events followed by `new` ones, with the whole-history counts continued.
+
+        New events usually come after each user's last one (the service's refresh): then every event
+        moves by a computed offset, O(n) with no sort. Late rows older than a user's last event fall back
+        to a full sort so that each user's events stay in time order.
+        """
+        old_owner, new_owner = self.owner(), new.owner()
+        old_counts, new_counts = np.diff(self.user_ptr), np.diff(new.user_ptr)
+        has_old = old_counts > 0
         last = np.maximum(self.user_ptr[1:] - 1, 0)
-        has_any = np.diff(self.user_ptr) > 0
-        seen_before = np.where(has_any, self.ev_seen[last] if self.n_events else 0, 0)
-        liked_before = np.where(has_any, self.ev_liked[last] if self.n_events else 0, 0)
-        owner = new.owner()
-        events = _from_arrays(
-            np.concatenate([self.owner(), owner]),
-            np.concatenate([self.ev_time, new.ev_time]),
-            np.concatenate([self.ev_post, new.ev_post]),
-            np.concatenate([self.ev_action, new.ev_action]),
-            self.n_users,
-            seen=np.concatenate([self.ev_seen, new.ev_seen + seen_before[owner]]),
-            liked=np.concatenate([self.ev_liked, new.ev_liked + liked_before[owner]]),
+        seen_before = np.where(has_old, self.ev_seen[last], 0) if self.n_events else np.zeros_like(old_counts)
+        liked_before = (
+            np.where(has_old, self.ev_liked[last], 0) if self.n_events else np.zeros_like(old_counts)
         )
+        new_seen = new.ev_seen + seen_before[new_owner]
+        new_liked = new.ev_liked + liked_before[new_owner]
+        last_time = np.where(has_old, self.ev_time[last], np.iinfo(np.int64).min) if self.n_events else None
+        in_order = last_time is None or not (new.ev_time < last_time[new_owner]).any()
+        if in_order:
+            ptr = np.concatenate([[0], np.cumsum(old_counts + new_counts)]).astype(np.int64)
+            old_pos = np.arange(self.n_events) + (ptr[:-1] - self.user_ptr[:-1])[old_owner]
+            new_pos = (
+                np.arange(new.n_events) - new.user_ptr[:-1][new_owner] + (ptr[:-1] + old_counts)[new_owner]
+            )
+            merged = []
+            for old_values, new_values in (
+                (self.ev_time, new.ev_time),
+                (self.ev_post, new.ev_post),
+                (self.ev_action, new.ev_action),
+                (self.ev_seen, new_seen),
+                (self.ev_liked, new_liked),
+            ):
+                out = np.empty(self.n_events + new.n_events, dtype=old_values.dtype)
+                out[old_pos], out[new_pos] = old_values, new_values
+                merged.append(out)
+            events = Histories(ptr, *merged)
+        else:
+            events = _from_arrays(
+                np.concatenate([old_owner, new_owner]),
+                np.concatenate([self.ev_time, new.ev_time]),
+                np.concatenate([self.ev_post, new.ev_post]),
+                np.concatenate([self.ev_action, new.ev_action]),
+                self.n_users,
+                seen=np.concatenate([self.ev_seen, new_seen]),
+                liked=np.concatenate([self.ev_liked, new_liked]),
+            )
         if self.likes is not None and new.likes is not None:
             events.likes = self.likes.merge(new.likes)
         return events

@@ -221,8 +221,8 @@ def model_payload(
     serving_stats = post_statistics(feed, data.post_ids, cutoff=end)
     mean, std = data.stats_scaler
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["post_stats"] = torch.from_numpy((serving_stats - mean) / std)
-    recent = build_user_histories(feed, data.users.user_ids, data.post_ids, max_history=settings.max_history)
+    state["post_stats"] = torch.tensor((serving_stats - mean) / std)
+    histories = build_user_histories(feed, data.users.user_ids, data.post_ids)
     iso = lambda s: datetime.fromtimestamp(s, UTC).strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
     return {
         "format": FORMAT,
@@ -231,9 +231,9 @@ def model_payload(
         "state_dict": state,
         "vocabs": data.vocabs,
         "age_scaler": list(data.age_scaler),
-        "stats_scaler": {"mean": torch.from_numpy(mean), "std": torch.from_numpy(std)},
+        "stats_scaler": {"mean": torch.tensor(mean), "std": torch.tensor(std)},
         "post_stat_names": list(POST_STAT_NAMES),
-        "post_ids": torch.from_numpy(data.post_ids),
+        "post_ids": torch.tensor(data.post_ids),
         "text_encoder": resolve_encoder(settings.text_encoder).rsplit("/site-packages/", 1)[-1],
         "objective": settings.objective,
         "train_size": train_size,
@@ -242,10 +242,10 @@ def model_payload(
         "history": history,
         "serving": {
             "snapshot_end": end,
-            "user_ids": torch.from_numpy(data.users.user_ids),
-            "user_categorical": torch.from_numpy(data.users.categorical),
-            "user_numeric": torch.from_numpy(data.users.numeric),
-            **{f"history_{name}": torch.from_numpy(array) for name, array in recent.to_arrays().items()},
+            "user_ids": torch.tensor(data.users.user_ids),
+            "user_categorical": torch.tensor(data.users.categorical),
+            "user_numeric": torch.tensor(data.users.numeric),
+            **{f"history_{name}": torch.tensor(array) for name, array in histories.to_arrays().items()},
         },
     }
 

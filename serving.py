@@ -1,7 +1,7 @@
 """The recommendation path in memory: one user-tower pass and one product with the item matrix.
 
 Built once from the model file (app lifespan). Per request: user features + the history strictly before
-`time` -> UserTower -> scores = item_matrix @ user -> drop posts liked before `time` -> top-k by partial
+`time` -> UserTower -> scores = ranking_matrix @ [user, 1] -> drop posts liked before `time` -> top-k by partial
 sort. No pandas and no database on this path. `refresh()` merges feed rows written after training into
 the histories and likes; it builds new arrays and swaps them in one assignment, so requests never wait.
 """
@@ -51,7 +51,9 @@ class Recommender:
             serving["user_ids"].numpy(), serving["user_categorical"].numpy(), serving["user_numeric"].numpy()
         )
         with torch.inference_mode():
-            self.item_matrix = model.item_embeddings().contiguous()
+            self.item_matrix = model.item_embeddings().contiguous()  # also encodes history posts
+            # [item embedding, exposure term]: the ranking stays one matrix-vector product
+            self.ranking_matrix = model.ranking_item_matrix().contiguous()
         prefix = "history_"
         histories = Histories.from_arrays(
             {k.removeprefix(prefix): v.numpy() for k, v in serving.items() if k.startswith(prefix)}
@@ -101,7 +103,7 @@ class Recommender:
         batch = make_user_batch(users, histories, np.array([row]), np.array([time]), self.model.config)
         with torch.inference_mode():
             user = self.model.users(batch, self.item_matrix[batch.hist_post])
-            return self.item_matrix @ user[0]
+            return self.ranking_matrix @ self.model.ranking_user_vector(user[0])
 
     def recommend(
         self, user_row: int, time: int, limit: int, *, users: UserFeatures | None = None
@@ -156,7 +158,7 @@ class Recommender:
             if fresh.empty:
                 return 0
             new = build_user_histories(fresh, self.users.user_ids, self.post_ids)
-            histories = state.histories.merge(new).tail(self.max_history)
+            histories = state.histories.merge(new)
             watermark = max(state.watermark, int(to_seconds(fresh["timestamp"]).max()))
             self.state = ServingState(histories, watermark)  # one assignment: readers see old or new
             return int(new.n_events)

