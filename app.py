@@ -112,6 +112,8 @@ def load_posts(app: FastAPI) -> None:
 def refresh_once(app: FastAPI) -> int:
     """Merge feed rows written since the last refresh into the served histories and likes."""
     recommender: Recommender = app.state.recommender
+    if not recommender.has_all_posts():  # the database was down at startup: try again
+        load_posts(app)
     since = datetime.fromtimestamp(recommender.state.watermark, UTC).replace(tzinfo=None)
     with app.state.engine.connect() as conn:
         rows = conn.execute(
@@ -170,18 +172,20 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/user/{id}/feed", response_model=list[FeedGet], responses=NOT_FOUND, tags=["tables"])
     def get_user_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[Feed]:
         """The user's views and likes, newest first."""
-        if session.get(User, id) is None:
-            raise HTTPException(404, detail=f"user {id} not found")
         query = select(Feed).where(Feed.user_id == id).order_by(Feed.timestamp.desc()).limit(limit)
-        return list(session.scalars(query).unique())
+        rows = list(session.scalars(query).unique())
+        if not rows and session.get(User, id) is None:  # the existence check only when nothing came back
+            raise HTTPException(404, detail=f"user {id} not found")
+        return rows
 
     @app.get("/post/{id}/feed", response_model=list[FeedGet], responses=NOT_FOUND, tags=["tables"])
     def get_post_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[Feed]:
         """The post's views and likes, newest first."""
-        if session.get(Post, id) is None:
-            raise HTTPException(404, detail=f"post {id} not found")
         query = select(Feed).where(Feed.post_id == id).order_by(Feed.timestamp.desc()).limit(limit)
-        return list(session.scalars(query).unique())
+        rows = list(session.scalars(query).unique())
+        if not rows and session.get(Post, id) is None:
+            raise HTTPException(404, detail=f"post {id} not found")
+        return rows
 
     @app.get(
         "/post/recommendations/",

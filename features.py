@@ -18,8 +18,16 @@ USER_CATEGORICALS = ("gender", "country", "city", "exp_group", "os", "source", "
 AGE_BUCKETS = np.array([18, 22, 26, 30, 35, 40, 50, 60])  # right edges; 9 buckets
 RECENCY_BUCKETS = np.array([60, 600, 3600, 3 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400, 21 * 86400])
 ACTION_VIEW, ACTION_LIKE = 0, 1
-POST_STAT_NAMES = ("log_views_per_day", "log_likes_per_day", "like_rate")
-LIKE_RATE_PRIOR_VIEWS = 20.0  # shrink the like rate of rarely seen posts towards the global rate
+POST_STAT_NAMES = (
+    "log_views_per_day",
+    "log_likes_per_day",
+    "like_rate",
+    "log_views_per_day_7d",
+    "log_likes_per_day_7d",
+)
+RECENT_DAYS = 7  # the recent window of the post statistics: exposure drifts over weeks
+LIKE_RATE_PRIOR_VIEWS = 20.0  # shrink the like rate of rarely seen posts / users towards a prior rate
+PRIOR_LIKE_RATE = 0.12  # a typical share of liked views, the prior of a user's like rate
 
 
 # ----------------------------------------------------------------------------- time and vocabularies
@@ -113,9 +121,10 @@ def lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def post_statistics(
     feed: pd.DataFrame, post_ids: np.ndarray, *, cutoff: int, window_days: float | None = None
 ) -> np.ndarray:
-    """[n_posts, 3] float32 (POST_STAT_NAMES) from feed events strictly before `cutoff` only.
+    """[n_posts, 5] float32 (POST_STAT_NAMES) from feed events strictly before `cutoff` only.
 
-    Counts are per day of the window, so statistics from windows of different lengths are comparable.
+    Counts are per day of the window, so statistics from windows of different lengths are comparable;
+    the last two cover only the RECENT_DAYS before the cutoff (a post's current exposure).
     """
     seconds = to_seconds(feed["timestamp"])
     before = seconds < cutoff
@@ -129,7 +138,19 @@ def post_statistics(
     n_likes = np.bincount(index[known & ~views], minlength=len(post_ids)).astype(np.float64)
     global_rate = n_likes.sum() / max(n_views.sum(), 1.0)
     like_rate = (n_likes + LIKE_RATE_PRIOR_VIEWS * global_rate) / (n_views + LIKE_RATE_PRIOR_VIEWS)
-    stats = np.stack([np.log1p(n_views / window_days), np.log1p(n_likes / window_days), like_rate], axis=1)
+    recent = known & (seconds >= cutoff - RECENT_DAYS * 86400)
+    recent_views = np.bincount(index[recent & views], minlength=len(post_ids)) / RECENT_DAYS
+    recent_likes = np.bincount(index[recent & ~views], minlength=len(post_ids)) / RECENT_DAYS
+    stats = np.stack(
+        [
+            np.log1p(n_views / window_days),
+            np.log1p(n_likes / window_days),
+            like_rate,
+            np.log1p(recent_views),
+            np.log1p(recent_likes),
+        ],
+        axis=1,
+    )
     return stats.astype(np.float32)
 
 

@@ -1,9 +1,10 @@
 """The recommendation path in memory: one user-tower pass and one product with the item matrix.
 
 Built once from the model file (app lifespan). Per request: user features + the history strictly before
-`time` -> UserTower -> scores = ranking_matrix @ [user, 1] -> drop posts liked before `time` -> top-k by partial
-sort. No pandas and no database on this path. `refresh()` merges feed rows written after training into
-the histories and likes; it builds new arrays and swaps them in one assignment, so requests never wait.
+`time` -> UserTower -> scores = ranking_matrix @ [user, 1] -> drop posts liked before `time` -> top-k by
+partial sort. No pandas and no database on this path. `refresh()` merges feed rows written after training
+into the histories and likes; it builds new arrays and swaps them in one assignment, so requests never
+wait. The snapshot holds every user's whole history, so a request at any past time is answered exactly.
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ class Recommender:
             for pid, text, topic in zip(self.post_ids, frame["text"], frame["topic"], strict=True)
         ]
         return missing
+
+    def has_all_posts(self) -> bool:
+        return all(part is not None for part in self.post_json)
 
     def response_body(self, rows: np.ndarray) -> bytes | None:
         """The JSON list of PostGet for post rows; None if a post's text is not in memory."""

@@ -18,6 +18,7 @@ from datetime import datetime
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
+from fixtures_model import demo_tables, trained_demo
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -30,7 +31,6 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app import create_app
-from fixtures_model import demo_tables, trained_demo
 from settings import Settings
 
 BUDGET = int(os.environ.get("FUZZ_EXAMPLES", "150"))

@@ -1,0 +1,78 @@
+"""Latency of the table endpoints in-process (the ASGI app, no network), on whatever DATABASE_URL holds.
+
+    python bench/feed.py --database-url postgresql://postgres@127.0.0.1:5432/bench [--json]
+
+Calls /user/{id}/feed?limit=10 (and /user/{id}, /post/{id}/feed) for random known ids through
+fastapi.testclient (the app's real lifespan, routing, validation and serialisation) and prints medians
+and p99 in milliseconds. Fill the database first, e.g. `python main_script.py demo-data --scale full`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def measure(client, paths: list[str]) -> dict[str, float]:
+    for path in paths[:50]:  # warm-up: connection pool, statement caches
+        client.get(path)
+    seconds = []
+    for path in paths:
+        started = time.perf_counter()
+        response = client.get(path)
+        seconds.append(time.perf_counter() - started)
+        assert response.status_code == 200, f"{path}: {response.status_code} {response.text[:200]}"
+    ms = np.array(seconds) * 1000
+    return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", "sqlite:///data/demo.db"))
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+
+    from fastapi.testclient import TestClient
+    from sqlalchemy import func, select
+
+    import database
+    from app import create_app
+    from settings import Settings
+    from table_feed import Feed
+    from table_user import User
+
+    engine = database.make_engine(args.database_url)
+    with engine.connect() as conn:
+        n_rows = conn.execute(select(func.count()).select_from(Feed)).scalar_one()
+        user_ids = np.array(conn.execute(select(User.user_id)).scalars().all())
+        post_ids = np.array(conn.execute(select(Feed.post_id).distinct()).scalars().all())
+    engine.dispose()
+    rng = np.random.default_rng(0)
+    users, posts = rng.choice(user_ids, args.requests), rng.choice(post_ids, args.requests)
+    settings = Settings(database_url=args.database_url, model_path=Path("data/bench/absent.pt"))
+    with TestClient(create_app(settings)) as client:
+        result = {
+            "feed_rows": int(n_rows),
+            "user_feed": measure(client, [f"/user/{u}/feed?limit=10" for u in users]),
+            "post_feed": measure(client, [f"/post/{p}/feed?limit=10" for p in posts]),
+            "user": measure(client, [f"/user/{u}" for u in users]),
+        }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"feed_data rows: {n_rows:,}  ({args.requests} requests each, in-process)")
+        for name in ("user_feed", "post_feed", "user"):
+            print(f"{name:10s} p50 {result[name]['p50_ms']:.2f} ms   p99 {result[name]['p99_ms']:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Training speed on DATABASE_URL (meant for the full demo): where an epoch's time goes.
+
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/bench python bench/train_speed.py [--json]
+
+Times each stage the pipeline runs (load the tables, embed, autoencoder, features), then one epoch of
+TRAIN_SAMPLE views per objective, and a per-step breakdown (building the batch, forward, backward and
+optimiser step; medians over --profile-steps steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--objectives", nargs="+", default=["bce", "joint"], choices=["bce", "softmax", "joint"]
+    )
+    parser.add_argument("--profile-steps", type=int, default=30)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+
+    import torch
+
+    import main_script
+    from features import USER_CATEGORICALS, build_dataset
+    from learn_model import (
+        TwoTower,
+        TwoTowerConfig,
+        bce_loss,
+        make_user_batch,
+        train_autoencoder,
+        train_two_tower,
+    )
+    from settings import get_settings
+
+    settings = get_settings()
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    users, posts, feed = main_script.load_tables(settings, progress=False)
+    seconds["load_tables"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    embeddings = main_script.embed_stage(settings, posts, progress=False)
+    seconds["embed"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    _, codes, _ = train_autoencoder(embeddings, code_dim=settings.text_dim, progress=False)
+    seconds["autoencoder"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    data = build_dataset(users, posts, feed, test_days=settings.test_days, train_sample=settings.train_sample)
+    seconds["features"] = time.perf_counter() - clock
+
+    def new_model(objective: str) -> TwoTower:
+        config = TwoTowerConfig(
+            n_posts=len(data.post_ids),
+            n_topics=len(data.vocabs["topic"]),
+            user_cardinalities=[len(data.vocabs[name]) for name in USER_CATEGORICALS],
+            max_history=settings.max_history,
+            exposure_head=objective == "joint",
+        )
+        model = TwoTower(config)
+        model.set_post_features(codes, data.post_topic, data.post_stats)
+        return model
+
+    epochs = {}
+    for objective in args.objectives:
+        history = train_two_tower(
+            new_model(objective),
+            users=data.users,
+            histories=data.histories,
+            views=data.train_views,
+            likes=data.train_likes,
+            objective=objective,
+            epochs=1,
+            batch_size=settings.batch_size,
+            progress=False,
+        )
+        epochs[objective] = {"epoch_s": history[0]["seconds"], "samples_per_s": history[0]["samples_per_s"]}
+        print(f"{objective}: {epochs[objective]}", file=sys.stderr, flush=True)
+
+    model = new_model("bce")
+    optimizer = torch.optim.AdamW(model.parameters())
+    rng = np.random.default_rng(0)
+    steps = []
+    for _ in range(args.profile_steps):
+        part = data.train_views.subset(rng.choice(len(data.train_views), settings.batch_size, replace=False))
+        t0 = time.perf_counter()
+        batch = make_user_batch(data.users, data.histories, part.user_rows, part.times, model.config)
+        t1 = time.perf_counter()
+        loss = bce_loss(model, batch, torch.from_numpy(part.post_rows), torch.from_numpy(part.labels))
+        t2 = time.perf_counter()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        steps.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+    batch_s, forward_s, backward_s = np.median(np.array(steps), axis=0)
+    result = {
+        "feed_rows": len(feed),
+        "train_views": len(data.train_views),
+        "train_likes": len(data.train_likes),
+        "stages_s": seconds,
+        "epoch": epochs,
+        "step_ms": {
+            "batch": batch_s * 1e3,
+            "forward": forward_s * 1e3,
+            "backward_and_step": backward_s * 1e3,
+        },
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result, indent=None if args.json else 2))
+
+
+if __name__ == "__main__":
+    main()
