@@ -17,9 +17,11 @@ from typing import Annotated
 
 import pandas as pd
 from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import database
 from database import SessionDep
@@ -39,6 +41,8 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 RecLimit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="how many posts")]
 FeedLimit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="how many feed rows, newest first")]
 NOT_FOUND = {404: {"model": ErrorGet, "description": "no row with that id"}}
+UNAVAILABLE = {503: {"model": ErrorGet, "description": "the database is unavailable; try again shortly"}}
+TABLE_ERRORS = NOT_FOUND | UNAVAILABLE
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -66,10 +70,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Two-tower recommendations of posts for the users of a social network.",
         lifespan=lifespan,
     )
+    app.add_middleware(OneLineStartupFailure)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(DBAPIError, _database_unavailable)
     _add_routes(app)
     return app
+
+
+class OneLineStartupFailure:
+    """Shortens a failed startup's report to its last line (e.g. the ModelFileError's message).
+
+    uvicorn prints the lifespan's failure message and exits non-zero; for an operator the cause matters,
+    not the traceback through the framework.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def send_short(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and message.get("message"):
+                message = {**message, "message": message["message"].strip().splitlines()[-1]}
+            await send(message)
+
+        return await self.app(scope, receive, send_short)
 
 
 def load_recommender(settings: Settings) -> Recommender | None:
@@ -153,7 +180,7 @@ def _add_routes(app: FastAPI) -> None:
         model = "loaded" if getattr(request.app.state, "recommender", None) else "absent"
         return HealthGet(status="ok" if db_state == "up" else "degraded", database=db_state, model=model)
 
-    @app.get("/user/{id}", response_model=UserGet, responses=NOT_FOUND, tags=["tables"])
+    @app.get("/user/{id}", response_model=UserGet, responses=TABLE_ERRORS, tags=["tables"])
     def get_user(id: IdPath, session: SessionDep) -> User:
         """One user's profile."""
         user = session.get(User, id)
@@ -161,7 +188,7 @@ def _add_routes(app: FastAPI) -> None:
             raise HTTPException(404, detail=f"user {id} not found")
         return user
 
-    @app.get("/post/{id}", response_model=PostGet, responses=NOT_FOUND, tags=["tables"])
+    @app.get("/post/{id}", response_model=PostGet, responses=TABLE_ERRORS, tags=["tables"])
     def get_post(id: IdPath, session: SessionDep) -> Post:
         """One post: its text and topic."""
         post = session.get(Post, id)
@@ -169,7 +196,7 @@ def _add_routes(app: FastAPI) -> None:
             raise HTTPException(404, detail=f"post {id} not found")
         return post
 
-    @app.get("/user/{id}/feed", response_model=list[FeedGet], responses=NOT_FOUND, tags=["tables"])
+    @app.get("/user/{id}/feed", response_model=list[FeedGet], responses=TABLE_ERRORS, tags=["tables"])
     def get_user_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[Feed]:
         """The user's views and likes, newest first."""
         query = select(Feed).where(Feed.user_id == id).order_by(Feed.timestamp.desc()).limit(limit)
@@ -178,7 +205,7 @@ def _add_routes(app: FastAPI) -> None:
             raise HTTPException(404, detail=f"user {id} not found")
         return rows
 
-    @app.get("/post/{id}/feed", response_model=list[FeedGet], responses=NOT_FOUND, tags=["tables"])
+    @app.get("/post/{id}/feed", response_model=list[FeedGet], responses=TABLE_ERRORS, tags=["tables"])
     def get_post_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[Feed]:
         """The post's views and likes, newest first."""
         query = select(Feed).where(Feed.post_id == id).order_by(Feed.timestamp.desc()).limit(limit)
@@ -190,7 +217,8 @@ def _add_routes(app: FastAPI) -> None:
     @app.get(
         "/post/recommendations/",
         response_model=list[PostGet],
-        responses={**NOT_FOUND, 503: {"model": ErrorGet, "description": "no model loaded"}},
+        responses=NOT_FOUND
+        | {503: {"model": ErrorGet, "description": "no model loaded, or the database is unavailable"}},
         tags=["recommendations"],
     )
     def recommend(
@@ -214,9 +242,9 @@ def _add_routes(app: FastAPI) -> None:
         try:
             moment = parse_time(time)
         except ValueError:
-            raise HTTPException(
-                422, detail=f"time must look like 2021-12-01 12:00:00 ({TIME_FORMAT})"
-            ) from None
+            message = f"time must look like 2021-12-01 12:00:00 ({TIME_FORMAT})"
+            error = {"type": "datetime_parsing", "loc": ("query", "time"), "msg": message, "input": time}
+            raise RequestValidationError([error]) from None
         row = recommender.user_row(id)
         if row >= 0:
             post_rows = recommender.recommend(row, moment, limit)
@@ -226,6 +254,9 @@ def _add_routes(app: FastAPI) -> None:
                 raise HTTPException(404, detail=f"user {id} not found")
             post_rows = recommender.recommend(0, moment, limit, users=recommender.static_features(user))
         body = recommender.response_body(post_rows)
+        if body is None and not recommender.has_all_posts():  # the database was down at startup
+            load_posts(request.app)
+            body = recommender.response_body(post_rows)
         if body is not None:  # the usual path: pre-encoded PostGet JSON, no database round trip
             return Response(body, media_type="application/json")
         post_ids = recommender.post_ids[post_rows].tolist()

@@ -33,6 +33,8 @@ def make_engine(url: str, **kwargs: object) -> Engine:
         return engine
     if parsed.drivername in ("postgresql", "postgres"):
         url = parsed.set(drivername="postgresql+psycopg2")  # SQLAlchemy 2.1 would pick psycopg 3
+    kwargs.setdefault("connect_args", {"connect_timeout": 3})  # an unreachable host fails fast: 503
+    kwargs.setdefault("pool_timeout", 5)
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 8)
     return create_engine(url, **kwargs)

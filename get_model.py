@@ -109,7 +109,7 @@ def download(url: str, dest: Path, sha256: str, *, timeout: float = 60.0) -> Pat
 def resolve_model_file(settings: Settings) -> tuple[Path, str]:
     """(path, expected sha256 or "") of the model file: MODEL_PATH if present, else the MODEL_URL cache."""
     if settings.model_path.is_file():
-        return settings.model_path, settings.model_sha256 if not settings.model_url else ""
+        return settings.model_path, settings.model_sha256  # a pinned checksum binds a local file too
     if not settings.model_url:
         raise ModelFileError(
             f"model file {settings.model_path} not found and MODEL_URL is not set: "

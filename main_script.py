@@ -36,7 +36,7 @@ from features import (
     post_statistics,
     to_seconds,
 )
-from get_model import FORMAT, ModelFileError, get_model, save_model_file
+from get_model import FORMAT, ModelFileError, get_model, load_model_file, save_model_file
 from get_post_embeddings import embed_posts, resolve_encoder
 from learn_model import TwoTower, TwoTowerConfig, train_autoencoder, train_two_tower
 from settings import Settings, describe, get_settings
@@ -82,6 +82,18 @@ def demo_data_present(settings: Settings) -> bool:
             return conn.execute(select(Feed.user_id).limit(1)).first() is not None
     finally:
         engine.dispose()
+
+
+def model_usable(settings: Settings) -> bool:
+    """Whether MODEL_PATH holds a model file this code can serve (else --if-missing retrains)."""
+    from serving import Recommender
+
+    try:
+        Recommender.from_payload(load_model_file(settings.model_path, sha256=settings.model_sha256))
+        return True
+    except ModelFileError as exc:
+        print(f"{exc}: training a new one", file=sys.stderr)
+        return False
 
 
 def load_tables(
@@ -408,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             vectors = embed_stage(settings, posts, progress=progress)
             print(f"{len(vectors)} posts embedded: {vectors.shape[1]}-D, cache in {settings.embed_cache_dir}")
         elif command in ("all", "train"):
-            if command == "all" and getattr(args, "if_missing", False) and settings.model_path.is_file():
+            if command == "all" and getattr(args, "if_missing", False) and model_usable(settings):
                 print(f"model file {settings.model_path} present: skipping training")
                 return 0
             if command == "train":
@@ -422,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "export-embeddings":
             paths = export_embeddings(settings, args.out or settings.export_dir)
             print(f"wrote {paths['posts']} and {paths['users']}")
-    except (get_features_table.TableValidationError, ModelFileError) as exc:
+    except (get_features_table.TableValidationError, ModelFileError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,22 @@
 """Pydantic response models (the course conventions the seed follows)."""
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+# The feed's timestamps are naive (no offset), so they are not RFC 3339 `date-time` strings.
+NaiveDateTime = Annotated[
+    datetime,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?$",
+            "description": "naive time, ISO 8601 without offset",
+            "examples": ["2021-12-01T12:00:00"],
+        }
+    ),
+]
 
 
 class UserGet(BaseModel):
@@ -32,7 +46,7 @@ class FeedGet(BaseModel):
     user_id: int
     post_id: int
     action: str = Field(examples=["view"])
-    time: datetime = Field(validation_alias="timestamp")
+    time: NaiveDateTime = Field(validation_alias="timestamp")
     user: UserGet
     post: PostGet
 

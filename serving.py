@@ -29,6 +29,7 @@ from features import (
     lookup,
     to_seconds,
 )
+from get_model import ModelFileError
 from learn_model import TwoTower, TwoTowerConfig, make_user_batch
 
 
@@ -66,9 +67,15 @@ class Recommender:
     @classmethod
     def from_payload(cls, payload: dict[str, Any], *, threads: int = 1) -> Recommender:
         torch.set_num_threads(threads)
-        model = TwoTower(TwoTowerConfig(**payload["config"]))
-        model.load_state_dict(payload["state_dict"])
-        return cls(model, payload)
+        try:
+            model = TwoTower(TwoTowerConfig(**payload["config"]))
+            model.load_state_dict(payload["state_dict"])
+            return cls(model, payload)
+        except (TypeError, RuntimeError, KeyError) as exc:
+            raise ModelFileError(
+                f"the model file does not fit this version of the code ({str(exc).splitlines()[0][:160]}): "
+                "retrain it with `python main_script.py`"
+            ) from exc
 
     @property
     def user_ids(self) -> np.ndarray:

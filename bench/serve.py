@@ -11,16 +11,21 @@ Steps:
      model is trained briefly (EPOCHS=1, TRAIN_SAMPLE=300000): quality does not change serving
      latency, the network shape is the same. Everything lands under --data-dir, never on the demo.
   (a) in-process: Recommender.recommend(row, time, limit) for random known users at random times in
-     the data window, after a warm-up (and the endpoint's whole in-memory path beside it).
-  (b) HTTP: `uvicorn app:app --workers 1` on a free 127.0.0.1 port; /post/recommendations/ and
-     /health in the same run, sequentially (concurrency 1: latency) and at concurrency 16
-     (throughput), each for a fixed duration. The load generator is another process: wrk when it is
-     installed (apt-get install wrk), else an asyncio HTTP/1.1 keep-alive client in a child process.
+     the data window, after a warm-up (and the endpoint's whole in-memory path beside it). A tight
+     loop keeps the CPU caches warm, so these figures are a floor for the per-request compute.
+  (b) HTTP: `uvicorn app:app --workers 1` (access log on, as by default) on a free 127.0.0.1 port;
+     /post/recommendations/ and /health in the same run, sequentially (concurrency 1: latency) and
+     at concurrency 16 (throughput), each for a fixed duration. The load generator is another
+     process: wrk when it is installed (apt-get install wrk), else an asyncio HTTP/1.1 keep-alive
+     client in a child process. Beside each figure: the server's CPU time per request, which bounds
+     one worker's throughput and varies less than latency when other jobs share the machine.
   (c) startup: from spawning uvicorn to the first 200 on /health with the model loaded;
      resident memory (VmRSS, children included) of the server after the load.
 
 The database must exist (createdb -h 127.0.0.1 -U postgres bench); --database-url may also be a
-sqlite:/// URL.
+sqlite:/// URL. To A/B a change of app.py or serving.py without touching them, put edited copies in a
+folder and pass `--app-dir FOLDER` (modules there shadow the repository's). Latency depends on what else
+runs: the load average is reported at the start and the end.
 """
 
 from __future__ import annotations
@@ -230,11 +235,12 @@ def measure_inprocess(
     for row, moment in zip(rows[:warmup], times[:warmup], strict=True):
         recommender.recommend(int(row), int(moment), limit)
 
-    recommend_s = []
+    recommend_s, cpu_s = [], []
     for row, moment in zip(rows, times, strict=True):
-        clock = time.perf_counter()
+        cpu, clock = time.thread_time(), time.perf_counter()
         recommender.recommend(int(row), int(moment), limit)
         recommend_s.append(time.perf_counter() - clock)
+        cpu_s.append(time.thread_time() - cpu)
 
     stamps = [datetime.fromtimestamp(int(t), UTC).strftime("%Y-%m-%d %H:%M:%S") for t in times]
     endpoint_s = []
@@ -244,7 +250,11 @@ def measure_inprocess(
         body = recommender.response_body(recommender.recommend(found, parse_time(stamp), limit))
         endpoint_s.append(time.perf_counter() - clock)
         assert body is not None, "every post has its JSON in memory"
-    return {"recommend": percentiles_ms(recommend_s), "endpoint": percentiles_ms(endpoint_s)}
+    return {
+        "recommend": percentiles_ms(recommend_s),
+        "recommend_cpu": percentiles_ms(cpu_s),  # wall >> CPU at p99 means the CPU was taken away
+        "endpoint": percentiles_ms(endpoint_s),
+    }
 
 
 def profile_inprocess(payload: dict, rows: np.ndarray, times: np.ndarray, *, limit: int = 5) -> None:
@@ -278,12 +288,20 @@ def free_port() -> int:
 
 
 def start_server(
-    *, env: dict[str, str], port: int, log_path: Path, access_log: bool = False, timeout_s: float = 300.0
+    *,
+    env: dict[str, str],
+    port: int,
+    log_path: Path,
+    app: str = "app:app",
+    app_dir: Path | None = None,
+    access_log: bool = True,
+    timeout_s: float = 300.0,
 ) -> tuple[subprocess.Popen, float]:
     """Spawn `uvicorn app:app --workers 1`; returns it and the seconds until /health said ready."""
     command = [
-        sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1", "--log-level", "warning", *([] if access_log else ["--no-access-log"]),
+        sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        *([] if access_log else ["--no-access-log"]),
+        *(["--app-dir", str(app_dir)] if app_dir else []),
     ]  # fmt: skip
     log(f"$ {' '.join(command)}  (log: {log_path})")
     handle = open(log_path, "wb")  # noqa: SIM115  (the server writes into it until it stops)
@@ -332,6 +350,18 @@ def process_tree(pid: int) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process tree so far (all threads), from /proc/PID/stat."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -466,7 +496,14 @@ def run_python_client(
 
 
 def measure_http(
-    *, port: int, rec_paths: list[str], client: str, c1_seconds: float, c16_seconds: float, concurrency: int
+    *,
+    port: int,
+    server_pid: int,
+    rec_paths: list[str],
+    client: str,
+    c1_seconds: float,
+    c16_seconds: float,
+    concurrency: int,
 ) -> dict[str, dict]:
     """Warm-up, then concurrency 1 and `concurrency` for both endpoints, in the same server run."""
     run = run_wrk if client == "wrk" else run_python_client
@@ -484,12 +521,15 @@ def measure_http(
             (f"health_c{concurrency}", health, concurrency, c16_seconds),
         ]
         for name, paths, users, seconds in plan:
-            load = load_average()
+            load, cpu = load_average(), cpu_seconds(server_pid)
             result = run(port=port, paths=paths, concurrency=users, seconds=seconds, work_dir=work_dir)
             result["loadavg_before"] = load
+            # the server's CPU per request: what bounds one worker's throughput, whatever else runs
+            result["server_cpu_ms"] = 1000 * (cpu_seconds(server_pid) - cpu) / max(result["requests"], 1)
             log(
                 f"http {name:>12}: {result['requests']:>6} requests, {result['rps']:8.1f} req/s, "
                 f"p50 {result['p50_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms, "
+                f"server CPU {result['server_cpu_ms']:.3f} ms/request, "
                 f"errors {result['errors']}, non-2xx {result['non_2xx']}"
             )
             if result["errors"] or result["non_2xx"]:
@@ -559,7 +599,120 @@ def print_table(summary: dict, targets: dict[str, bool], *, stream=sys.stdout) -
     )
 
 
-def main() -> int:
+def run_benchmark(
+    *,
+    database_url: str = DEFAULT_DATABASE_URL,
+    data_dir: Path = ROOT / "data" / "bench",
+    scale: str = "full",
+    requests: int = 2000,
+    limit: int = 5,
+    c1_seconds: float = 5.0,
+    c16_seconds: float = 10.0,
+    concurrency: int = 16,
+    client: str = "wrk",
+    access_log: bool = True,
+    app: str = "app:app",
+    app_dir: Path | None = None,
+    profile: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Build or reuse, then (a) in-process, (b) HTTP, (c) startup and memory; returns the summary."""
+    assert requests > 200, "requests must exceed the 200 warm-up calls"
+    assert client in ("wrk", "python"), f"client must be wrk or python, got {client!r}"
+    loadavg_start = load_average()
+    log(f"load average {os.getloadavg()} on {os.cpu_count()} CPUs")
+
+    build = build_or_reuse(database_url=database_url, data_dir=data_dir, scale=scale)
+    if app_dir:  # the in-process figures measure the variant's serving.py too, when it has one
+        sys.path.insert(0, str(app_dir))
+
+    from get_model import load_model_file
+
+    payload = load_model_file(data_dir / "model.pt")
+    rows, times, paths = request_plan(payload, n=max(requests, 20_000), seed=seed, limit=limit)
+    n_users, n_posts = len(payload["serving"]["user_ids"]), len(payload["post_ids"])
+    log(f"model: {n_users} users, {n_posts} posts, data window {payload['data_window']}")
+    if scale == "full" and (n_users, n_posts) != (163_205, 7_023):
+        log(f"warning: the model holds {n_users} users / {n_posts} posts, not the full demo's 163205 / 7023")
+
+    log(f"in-process: {requests} calls after 200 warm-up calls (torch threads 1)")
+    posts = read_posts(database_url)
+    inproc = measure_inprocess(payload, posts, rows[:requests], times[:requests], limit=limit)
+    if profile:
+        profile_inprocess(payload, rows[:requests], times[:requests], limit=limit)
+    del payload, posts
+    log(f"in-process recommend: {inproc['recommend']}")
+    log(f"in-process recommend, thread CPU time: {inproc['recommend_cpu']}")
+    log(f"in-process endpoint path: {inproc['endpoint']}")
+
+    env = child_env(database_url=database_url, data_dir=data_dir, scale=scale)
+    port = free_port()
+    server, startup_s = start_server(
+        env=env,
+        port=port,
+        log_path=data_dir / "uvicorn.log",
+        app=app,
+        app_dir=app_dir,
+        access_log=access_log,
+    )
+    try:
+        log(f"startup: {startup_s:.2f} s, RSS {memory_mb(server.pid)}")
+        http = measure_http(
+            port=port,
+            server_pid=server.pid,
+            rec_paths=paths,
+            client=client,
+            c1_seconds=c1_seconds,
+            c16_seconds=c16_seconds,
+            concurrency=concurrency,
+        )
+        memory = memory_mb(server.pid)
+    finally:
+        stop_server(server)
+
+    high = f"c{concurrency}"
+    return {
+        "inproc_p50_ms": inproc["recommend"]["p50"],
+        "inproc_p99_ms": inproc["recommend"]["p99"],
+        "http_p50_ms": round(http["rec_c1"]["p50_ms"], 4),
+        "http_health_p50_ms": round(http["health_c1"]["p50_ms"], 4),
+        "http_rps_c16": round(http[f"rec_{high}"]["rps"], 1),
+        "http_health_rps_c16": round(http[f"health_{high}"]["rps"], 1),
+        "startup_s": round(startup_s, 3),
+        "rss_mb": memory["rss_mb"],
+        # context
+        "inproc_mean_ms": inproc["recommend"]["mean"],
+        "inproc_cpu_p50_ms": inproc["recommend_cpu"]["p50"],
+        "inproc_cpu_p99_ms": inproc["recommend_cpu"]["p99"],
+        "inproc_endpoint_p50_ms": inproc["endpoint"]["p50"],
+        "inproc_endpoint_p99_ms": inproc["endpoint"]["p99"],
+        "http_p99_ms": round(http["rec_c1"]["p99_ms"], 4),
+        "http_health_p99_ms": round(http["health_c1"]["p99_ms"], 4),
+        "http_rps_c1": round(http["rec_c1"]["rps"], 1),
+        "http_health_rps_c1": round(http["health_c1"]["rps"], 1),
+        "http_p50_ms_c16": round(http[f"rec_{high}"]["p50_ms"], 4),
+        "http_p99_ms_c16": round(http[f"rec_{high}"]["p99_ms"], 4),
+        "http_server_cpu_ms": round(http["rec_c1"]["server_cpu_ms"], 4),
+        "http_health_server_cpu_ms": round(http["health_c1"]["server_cpu_ms"], 4),
+        "http_server_cpu_ms_c16": round(http[f"rec_{high}"]["server_cpu_ms"], 4),
+        "http_health_server_cpu_ms_c16": round(http[f"health_{high}"]["server_cpu_ms"], 4),
+        "peak_rss_mb": memory["peak_rss_mb"],
+        "concurrency": concurrency,
+        "client": client,
+        "access_log": access_log,
+        "app": app,
+        "app_dir": str(app_dir) if app_dir else None,
+        "limit": limit,
+        "n_users": n_users,
+        "n_posts": n_posts,
+        **build,
+        "cpus": os.cpu_count(),
+        "loadavg_start": loadavg_start,
+        "loadavg_end": load_average(),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -574,97 +727,43 @@ def main() -> int:
     parser.add_argument(
         "--client", choices=("auto", "wrk", "python"), default="auto", help="auto: wrk if found"
     )
-    parser.add_argument("--access-log", action="store_true", help="keep uvicorn's access log on")
+    parser.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="turn off uvicorn's access log (on by default, as in production)",
+    )
+    parser.add_argument("--app", default="app:app", help="uvicorn's APP, to A/B a variant (default: app:app)")
+    parser.add_argument("--app-dir", type=Path, help="folder of variant modules (app.py, serving.py, ...)")
     parser.add_argument("--profile", action="store_true", help="cProfile the in-process path (stderr)")
     parser.add_argument("--check", action="store_true", help="exit with 1 when a target is missed")
     parser.add_argument("--seed", type=int, default=0, help="of the random users and times (default: 0)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout, the table on stderr")
-    args = parser.parse_args()
-    assert args.requests > 200, "--requests must exceed the 200 warm-up calls"
-    os.chdir(ROOT)
-    data_dir = args.data_dir if args.data_dir.is_absolute() else ROOT / args.data_dir
-    client = args.client
-    if client == "auto":
-        client = "wrk" if shutil.which("wrk") else "python"
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "python")
     assert client != "wrk" or shutil.which("wrk"), "--client wrk needs wrk on PATH (apt-get install wrk)"
-    loadavg_start = load_average()
-    log(f"load average {os.getloadavg()} on {os.cpu_count()} CPUs")
-
-    build = build_or_reuse(database_url=args.database_url, data_dir=data_dir, scale=args.scale)
-
-    from get_model import load_model_file
-
-    payload = load_model_file(data_dir / "model.pt")
-    rows, times, paths = request_plan(payload, n=max(args.requests, 20_000), seed=args.seed, limit=args.limit)
-    n_users, n_posts = len(payload["serving"]["user_ids"]), len(payload["post_ids"])
-    log(f"model: {n_users} users, {n_posts} posts, data window {payload['data_window']}")
-    if args.scale == "full" and (n_users, n_posts) != (163_205, 7_023):
-        log(f"warning: the model holds {n_users} users / {n_posts} posts, not the full demo's 163205 / 7023")
-
-    log(f"in-process: {args.requests} calls after 200 warm-up calls (torch threads 1)")
-    posts = read_posts(args.database_url)
-    inproc = measure_inprocess(
-        payload, posts, rows[: args.requests], times[: args.requests], limit=args.limit
+    app_dir = args.app_dir.resolve() if args.app_dir else None  # relative to the caller's folder
+    os.chdir(ROOT)  # main_script.py and uvicorn run from the repository; --data-dir is relative to it
+    summary = run_benchmark(
+        database_url=args.database_url,
+        data_dir=args.data_dir if args.data_dir.is_absolute() else ROOT / args.data_dir,
+        scale=args.scale,
+        requests=args.requests,
+        limit=args.limit,
+        c1_seconds=args.c1_seconds,
+        c16_seconds=args.c16_seconds,
+        concurrency=args.concurrency,
+        client=client,
+        access_log=not args.no_access_log,
+        app=args.app,
+        app_dir=app_dir,
+        profile=args.profile,
+        seed=args.seed,
     )
-    if args.profile:
-        profile_inprocess(payload, rows[: args.requests], times[: args.requests], limit=args.limit)
-    del payload, posts
-    log(f"in-process recommend: {inproc['recommend']}")
-    log(f"in-process endpoint path: {inproc['endpoint']}")
-
-    env = child_env(database_url=args.database_url, data_dir=data_dir, scale=args.scale)
-    port = free_port()
-    server, startup_s = start_server(
-        env=env, port=port, log_path=data_dir / "uvicorn.log", access_log=args.access_log
-    )
-    try:
-        log(f"startup: {startup_s:.2f} s, RSS {memory_mb(server.pid)}")
-        http = measure_http(
-            port=port,
-            rec_paths=paths,
-            client=client,
-            c1_seconds=args.c1_seconds,
-            c16_seconds=args.c16_seconds,
-            concurrency=args.concurrency,
-        )
-        memory = memory_mb(server.pid)
-    finally:
-        stop_server(server)
-
-    high = args.concurrency
-    summary = {
-        "inproc_p50_ms": inproc["recommend"]["p50"],
-        "inproc_p99_ms": inproc["recommend"]["p99"],
-        "http_p50_ms": round(http["rec_c1"]["p50_ms"], 4),
-        "http_health_p50_ms": round(http["health_c1"]["p50_ms"], 4),
-        "http_rps_c16": round(http[f"rec_c{high}"]["rps"], 1),
-        "http_health_rps_c16": round(http[f"health_c{high}"]["rps"], 1),
-        "startup_s": round(startup_s, 3),
-        "rss_mb": memory["rss_mb"],
-        # context
-        "inproc_mean_ms": inproc["recommend"]["mean"],
-        "inproc_endpoint_p50_ms": inproc["endpoint"]["p50"],
-        "inproc_endpoint_p99_ms": inproc["endpoint"]["p99"],
-        "http_p99_ms": round(http["rec_c1"]["p99_ms"], 4),
-        "http_health_p99_ms": round(http["health_c1"]["p99_ms"], 4),
-        "http_rps_c1": round(http["rec_c1"]["rps"], 1),
-        "http_health_rps_c1": round(http["health_c1"]["rps"], 1),
-        "http_p50_ms_c16": round(http[f"rec_c{high}"]["p50_ms"], 4),
-        "http_p99_ms_c16": round(http[f"rec_c{high}"]["p99_ms"], 4),
-        "peak_rss_mb": memory["peak_rss_mb"],
-        "concurrency": high,
-        "client": client,
-        "access_log": args.access_log,
-        "limit": args.limit,
-        "n_users": n_users,
-        "n_posts": n_posts,
-        **build,
-        "cpus": os.cpu_count(),
-        "loadavg_start": loadavg_start,
-        "loadavg_end": load_average(),
-    }
-    targets = check_targets(summary)
-    summary["targets_met"] = targets
+    summary["targets_met"] = targets = check_targets(summary)
     print_table(summary, targets, stream=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(summary))

@@ -176,3 +176,13 @@ def test_time_features_are_periodic():
     assert np.allclose(time_features(base), time_features(base + 7 * day), atol=1e-5)
     assert not np.allclose(time_features(base), time_features(base + 6 * 3600))
     assert ACTION_VIEW != ACTION_LIKE
+
+
+def test_single_query_search_equals_the_vectorised_one(feed):
+    histories = build_user_histories(feed, np.arange(200, 240), np.arange(1, 26))
+    rng = np.random.default_rng(2)
+    rows = rng.integers(0, 40, 50)
+    times = to_seconds(T0 + pd.to_timedelta(rng.integers(0, 41 * 86400, 50), unit="s"))
+    batched = histories.last_before(rows, times)  # > 8 queries: the vectorised binary search
+    one_by_one = [histories.last_before(rows[i : i + 1], times[i : i + 1])[0] for i in range(50)]
+    assert batched.tolist() == one_by_one
