@@ -379,6 +379,35 @@ def sampled_softmax_loss(
     return F.cross_entropy(logits, torch.arange(len(posts)))
 
 
+def joint_loss(
+    model: TwoTower,
+    batch: UserBatch,
+    posts: torch.Tensor,
+    labels: torch.Tensor,
+    log_q: torch.Tensor,
+    *,
+    softmax_weight: float = 1.0,
+) -> torch.Tensor:
+    """BCE on a batch of views plus an in-batch softmax for its liked views, from one forward pass.
+
+    The softmax rows are the liked views; its candidates are all posts of the batch, which were sampled
+    in proportion to how often they are viewed (log_q: the posts' log view frequency, the logQ
+    correction). Ranking scores add the exposure term; accidental hits (another column showing the
+    row's own post) are masked out.
+    """
+    users, items = model.user_embeddings(batch), model.item_embeddings(posts)
+    bce = F.binary_cross_entropy_with_logits((users * items).sum(-1) + model.bias, labels)
+    liked = torch.nonzero(labels > 0.5).squeeze(-1)
+    if len(liked) == 0:
+        return bce
+    scores = users[liked] @ items.T + (model.exposure_scores(posts) - log_q[posts])[None, :]
+    same_post = posts[None, :] == posts[liked][:, None]
+    own_column = torch.zeros_like(same_post)
+    own_column[torch.arange(len(liked)), liked] = True
+    scores = scores.masked_fill(same_post & ~own_column, float("-inf"))
+    return bce + softmax_weight * F.cross_entropy(scores, liked)
+
+
 def post_log_frequency(post_rows: np.ndarray, n_posts: int) -> torch.Tensor:
     counts = np.bincount(post_rows, minlength=n_posts).astype(np.float64) + 1.0
     return torch.from_numpy(np.log(counts / counts.sum())).float()
@@ -448,12 +477,12 @@ def train_two_tower(
 
     objective "bce": pointwise on `views` (with their like targets), an epoch is a pass over them.
     "softmax": in-batch sampled softmax on `likes`, an epoch is a pass over them.
-    "joint": both losses each step (a batch of views and a batch of likes), an epoch is a pass over views;
-    the ranking score then adds the model's exposure term (TwoTowerConfig.exposure_head).
+    "joint": both losses on each batch of views (joint_loss), an epoch is a pass over the views; the
+    ranking score then adds the model's exposure term (TwoTowerConfig.exposure_head).
     monitor_train / monitor_test are views whose ROC-AUC, accuracy and log-loss are logged each epoch.
     """
     assert objective in OBJECTIVES, f"unknown objective {objective!r}, expected one of {OBJECTIVES}"
-    uses_views, uses_likes = objective in ("bce", "joint"), objective in ("softmax", "joint")
+    uses_views, uses_likes = objective in ("bce", "joint"), objective == "softmax"
     assert not uses_views or (views is not None and len(views) > 0), f"objective {objective!r} needs views"
     assert not uses_likes or (likes is not None and len(likes) >= batch_size), (
         f"objective {objective!r} needs at least batch_size={batch_size} likes"
@@ -466,7 +495,10 @@ def train_two_tower(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1
     )
-    log_q = post_log_frequency(likes.post_rows, model.config.n_posts) if uses_likes else None
+    if uses_likes:
+        log_q = post_log_frequency(likes.post_rows, model.config.n_posts)
+    else:
+        log_q = post_log_frequency(views.post_rows, model.config.n_posts)
     view_batches = _batches(len(views), min(batch_size, len(views)), rng) if uses_views else None
     like_batches = _batches(len(likes), batch_size, rng) if uses_likes else None
     history: list[dict[str, float]] = []
@@ -479,9 +511,13 @@ def train_two_tower(
             if view_batches is not None:
                 part = views.subset(next(view_batches))
                 batch = make_user_batch(users, histories, part.user_rows, part.times, model.config)
-                loss = loss + bce_loss(
-                    model, batch, torch.from_numpy(part.post_rows), torch.from_numpy(part.labels)
-                )
+                posts, labels = torch.from_numpy(part.post_rows), torch.from_numpy(part.labels)
+                if objective == "joint":
+                    loss = loss + joint_loss(
+                        model, batch, posts, labels, log_q, softmax_weight=softmax_weight
+                    )
+                else:
+                    loss = loss + bce_loss(model, batch, posts, labels)
             if like_batches is not None:
                 part = likes.subset(next(like_batches))
                 batch = make_user_batch(users, histories, part.user_rows, part.times, model.config)
@@ -501,7 +537,7 @@ def train_two_tower(
             "epoch": epoch,
             "loss": total_loss / steps_per_epoch,
             "seconds": seconds,
-            "samples_per_s": steps_per_epoch * batch_size * (1 + (objective == "joint")) / seconds,
+            "samples_per_s": steps_per_epoch * batch_size / seconds,
         }
         for name, samples in (("train", monitor_train), ("test", monitor_test)):
             if samples is not None and len(samples):

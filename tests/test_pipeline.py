@@ -190,3 +190,32 @@ def test_empty_database_is_a_clear_error(tmp_path):
     database.create_tables(engine)
     with pytest.raises(SystemExit, match="empty"):
         main_script.load_tables(settings)
+
+
+def test_joint_loss_is_bce_plus_a_softmax_over_the_liked_views():
+    from learn_model import UserBatch, bce_loss, joint_loss
+
+    config = TwoTowerConfig(
+        n_posts=6, n_topics=2, user_cardinalities=[2] * 7, use_history=False, exposure_head=True
+    )
+    model = TwoTower(config).eval()
+    torch.manual_seed(0)
+    batch = UserBatch(
+        torch.randint(0, 2, (5, 7)),
+        torch.randn(5, 8),
+        *(torch.zeros(5, 1, dtype=torch.long),) * 3,
+        torch.zeros(5, 1, dtype=torch.bool),
+    )
+    posts, log_q = torch.tensor([0, 2, 2, 4, 5]), torch.zeros(6)
+    none_liked = torch.zeros(5)
+    assert joint_loss(model, batch, posts, none_liked, log_q).item() == pytest.approx(
+        bce_loss(model, batch, posts, none_liked).item(), rel=1e-6
+    )
+    liked = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0])
+    extra = joint_loss(model, batch, posts, liked, log_q) - bce_loss(model, batch, posts, liked)
+    users, items = model.user_embeddings(batch), model.item_embeddings(posts)
+    row = users[1] @ items.T + model.exposure_scores(posts)
+    row[2] = float("-inf")  # column 2 shows the same post as row 1's positive: an accidental hit
+    assert extra.item() == pytest.approx(
+        torch.nn.functional.cross_entropy(row[None], torch.tensor([1])).item(), rel=1e-5
+    )
