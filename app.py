@@ -17,6 +17,7 @@ from typing import Annotated
 
 import pandas as pd
 from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select, text
@@ -221,9 +222,8 @@ def _add_routes(app: FastAPI) -> None:
         | {503: {"model": ErrorGet, "description": "no model loaded, or the database is unavailable"}},
         tags=["recommendations"],
     )
-    def recommend(
+    async def recommend(
         request: Request,
-        session: SessionDep,
         id: Annotated[int, Query(ge=0, le=2**31 - 1, description="user_id")],
         time: Annotated[
             str,
@@ -246,6 +246,19 @@ def _add_routes(app: FastAPI) -> None:
             error = {"type": "datetime_parsing", "loc": ("query", "time"), "msg": message, "input": time}
             raise RequestValidationError([error]) from None
         row = recommender.user_row(id)
+        if row >= 0:  # the usual path, memory only (~0.5 ms of CPU): inline, no worker-thread round trips
+            body = recommender.response_body(recommender.recommend(row, moment, limit))
+            if body is not None:  # pre-encoded PostGet JSON
+                return Response(body, media_type="application/json")
+        # a user added after training, or post texts not in memory: the database, in a worker thread
+        return await run_in_threadpool(_recommend_from_database, request, recommender, id, moment, limit)
+
+
+def _recommend_from_database(
+    request: Request, recommender: Recommender, id: int, moment: int, limit: int
+) -> Response | list[Post]:
+    with request.app.state.session_factory() as session:
+        row = recommender.user_row(id)
         if row >= 0:
             post_rows = recommender.recommend(row, moment, limit)
         else:  # a user added after training: static features, no history
@@ -257,12 +270,11 @@ def _add_routes(app: FastAPI) -> None:
         if body is None and not recommender.has_all_posts():  # the database was down at startup
             load_posts(request.app)
             body = recommender.response_body(post_rows)
-        if body is not None:  # the usual path: pre-encoded PostGet JSON, no database round trip
+        if body is not None:  # pre-encoded PostGet JSON, no database round trip
             return Response(body, media_type="application/json")
         post_ids = recommender.post_ids[post_rows].tolist()
-        found = {
-            post.post_id: post for post in session.scalars(select(Post).where(Post.post_id.in_(post_ids)))
-        }
+        query = select(Post).where(Post.post_id.in_(post_ids))
+        found = {post.post_id: post for post in session.scalars(query)}
         return [found[pid] for pid in post_ids if pid in found]
 
 

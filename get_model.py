@@ -52,6 +52,7 @@ def save_model_file(payload: dict[str, Any], path: Path) -> Path:
             torch.save(payload, out)
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a container's non-root user must read it
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -96,6 +97,7 @@ def download(url: str, dest: Path, sha256: str, *, timeout: float = 60.0) -> Pat
                 out.write(block)
         if digest.hexdigest() != sha256.lower():
             raise ModelFileError(f"download from {url} has SHA-256 {digest.hexdigest()}, expected {sha256}")
+        os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, dest)
     except ModelFileError:
         Path(tmp_name).unlink(missing_ok=True)

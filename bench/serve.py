@@ -134,6 +134,21 @@ def run_step(args: list[str], *, env: dict[str, str]) -> float:
     return time.perf_counter() - clock
 
 
+def model_usable(model_path: Path) -> bool:
+    """Whether the model file exists and this code can serve it (a file of an older format is not)."""
+    from get_model import ModelFileError, load_model_file
+    from serving import Recommender
+
+    if not model_path.is_file():
+        return False
+    try:
+        Recommender.from_payload(load_model_file(model_path), threads=1)
+        return True
+    except ModelFileError as exc:
+        log(f"model: {exc}")
+        return False
+
+
 def build_or_reuse(*, database_url: str, data_dir: Path, scale: str) -> dict[str, object]:
     """Demo tables and the bench model: generated/trained when missing, reused otherwise."""
     env = child_env(database_url=database_url, data_dir=data_dir, scale=scale)
@@ -146,11 +161,11 @@ def build_or_reuse(*, database_url: str, data_dir: Path, scale: str) -> dict[str
         log(f"demo data: feed_data is empty in {database_url}: generating the {scale!r} demo")
         info["demo_data_s"] = round(run_step(["demo-data", "--scale", scale], env=env), 1)
         log(f"demo data: generated in {info['demo_data_s']} s")
-    if model_path.is_file():
+    if model_usable(model_path):
         log(f"model: reusing {model_path}")
     else:
         log(
-            f"model: {model_path} missing: training it briefly (EPOCHS=1, TRAIN_SAMPLE=300000); "
+            f"model: {model_path} missing or unusable: training it briefly (EPOCHS=1, TRAIN_SAMPLE=300000); "
             "model quality does not change serving latency, the network shape is the same"
         )
         info["train_s"] = round(run_step(["all"], env=env), 1)
@@ -621,10 +636,10 @@ def run_benchmark(
     assert client in ("wrk", "python"), f"client must be wrk or python, got {client!r}"
     loadavg_start = load_average()
     log(f"load average {os.getloadavg()} on {os.cpu_count()} CPUs")
-
-    build = build_or_reuse(database_url=database_url, data_dir=data_dir, scale=scale)
     if app_dir:  # the in-process figures measure the variant's serving.py too, when it has one
         sys.path.insert(0, str(app_dir))
+
+    build = build_or_reuse(database_url=database_url, data_dir=data_dir, scale=scale)
 
     from get_model import load_model_file
 
