@@ -36,7 +36,7 @@ class Settings:
     text_dim: int = 128  # autoencoder code size
     # --- training ---
     objective: str = "joint"  # bce (pointwise on views, the seed's) | softmax (in-batch, likes) | joint
-    epochs: int = 6
+    epochs: int = 4
     batch_size: int = 1024
     learning_rate: float = 2e-3
     max_history: int = 20
