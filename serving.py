@@ -9,8 +9,10 @@ wait. The snapshot holds every user's whole history, so a request at any past ti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,7 +32,7 @@ from features import (
     to_seconds,
 )
 from get_model import ModelFileError
-from learn_model import TwoTower, TwoTowerConfig, make_user_batch
+from learn_model import TwoTower, TwoTowerConfig, UserBatch, make_user_batch
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Recommender:
         self.state = ServingState(histories, int(serving["snapshot_end"]))
         self.post_json: list[bytes | None] = [None] * len(self.post_ids)
         self._refresh_lock = threading.Lock()
+        self._user_vector = _trace_user_vector(self.model, self.item_matrix, self.users, histories)
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], *, threads: int = 1) -> Recommender:
@@ -110,7 +113,7 @@ class Recommender:
             histories, row = _EMPTY_HISTORY, 0
         batch = make_user_batch(users, histories, np.array([row]), np.array([time]), self.model.config)
         with torch.inference_mode():
-            user = self.model.users(batch, self.item_matrix[batch.hist_post])
+            user = self._user_vector(*_tensors(batch))
             return self.ranking_matrix @ self.model.ranking_user_vector(user[0])
 
     def recommend(
@@ -173,6 +176,46 @@ class Recommender:
             watermark = max(state.watermark, int(to_seconds(fresh["timestamp"]).max()))
             self.state = ServingState(histories, watermark)  # one assignment: readers see old or new
             return int(new.n_events)
+
+
+class _UserVector(torch.nn.Module):
+    """UserTower on the item encodings of the history: the one network call of a request."""
+
+    def __init__(self, model: TwoTower, item_matrix: torch.Tensor):
+        super().__init__()
+        self.users, self.item_matrix = model.users, item_matrix
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        batch = UserBatch(*inputs)
+        return self.users(batch, self.item_matrix[batch.hist_post])
+
+
+def _tensors(batch: UserBatch) -> tuple[torch.Tensor, ...]:
+    return tuple(getattr(batch, field.name) for field in dataclasses.fields(batch))
+
+
+def _trace_user_vector(
+    model: TwoTower, item_matrix: torch.Tensor, users: UserFeatures, histories: Histories
+) -> torch.nn.Module:
+    """The user tower as a frozen TorchScript graph for one (user, time): ~0.2 ms less Python per request.
+
+    Traced for batches of one, the only size scores() sends; the weights are constants of the graph. If
+    tracing fails (an unusual torch build), the eager module serves: same numbers, a little slower.
+    """
+    eager = _UserVector(model, item_matrix).eval()
+    if len(users.user_ids) == 0:
+        return eager
+    example = make_user_batch(users, histories, np.array([0]), np.array([2**31]), model.config)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(eager, _tensors(example), check_trace=False)
+            traced = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+            if not torch.allclose(traced(*_tensors(example)), eager(*_tensors(example)), atol=1e-5):
+                return eager
+    except Exception:  # tracing is an optimisation only
+        return eager
+    return traced
 
 
 def parse_time(value: str) -> int:
