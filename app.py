@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import InstrumentedAttribute, Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import database
@@ -163,6 +164,17 @@ async def refresh_forever(app: FastAPI) -> None:
             log.warning("refresh failed (%s); serving the previous histories", exc.__class__.__name__)
 
 
+def feed_rows(
+    session: Session, column: InstrumentedAttribute, owner: type, id: int, limit: int
+) -> list[Feed]:
+    """The newest `limit` feed rows with column == id; 404 when the user/post itself does not exist."""
+    query = select(Feed).where(column == id).order_by(Feed.timestamp.desc()).limit(limit)
+    rows = list(session.scalars(query).unique())
+    if not rows and session.get(owner, id) is None:  # the existence check only when nothing came back
+        raise HTTPException(404, detail=f"{owner.__name__.lower()} {id} not found")
+    return rows
+
+
 async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
     log.warning("database error: %s", exc.__class__.__name__)
     return JSONResponse(status_code=503, content={"detail": "database unavailable, try again shortly"})
@@ -200,20 +212,12 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/user/{id}/feed", response_model=list[FeedGet], responses=TABLE_ERRORS, tags=["tables"])
     def get_user_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[Feed]:
         """The user's views and likes, newest first."""
-        query = select(Feed).where(Feed.user_id == id).order_by(Feed.timestamp.desc()).limit(limit)
-        rows = list(session.scalars(query).unique())
-        if not rows and session.get(User, id) is None:  # the existence check only when nothing came back
-            raise HTTPException(404, detail=f"user {id} not found")
-        return rows
+        return feed_rows(session, Feed.user_id, User, id, limit)
 
     @app.get("/post/{id}/feed", response_model=list[FeedGet], responses=TABLE_ERRORS, tags=["tables"])
     def get_post_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[Feed]:
         """The post's views and likes, newest first."""
-        query = select(Feed).where(Feed.post_id == id).order_by(Feed.timestamp.desc()).limit(limit)
-        rows = list(session.scalars(query).unique())
-        if not rows and session.get(Post, id) is None:
-            raise HTTPException(404, detail=f"post {id} not found")
-        return rows
+        return feed_rows(session, Feed.post_id, Post, id, limit)
 
     @app.get(
         "/post/recommendations/",
