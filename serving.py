@@ -47,7 +47,6 @@ class Recommender:
     def __init__(self, model: TwoTower, payload: dict[str, Any]):
         serving = payload["serving"]
         self.model = model.eval()
-        self.max_history = model.config.max_history
         self.vocabs: dict[str, list[str]] = payload["vocabs"]
         self.age_scaler = tuple(payload["age_scaler"])
         self.post_ids = payload["post_ids"].numpy()
