@@ -32,7 +32,6 @@ from features import (
     USER_CATEGORICALS,
     Dataset,
     build_dataset,
-    build_user_histories,
     post_statistics,
     to_seconds,
 )
@@ -234,7 +233,7 @@ def model_payload(
     mean, std = data.stats_scaler
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["post_stats"] = torch.tensor((serving_stats - mean) / std)
-    histories = build_user_histories(feed, data.users.user_ids, data.post_ids)
+    histories = data.histories  # every event of the feed already, both sides of the cutoff
     iso = lambda s: datetime.fromtimestamp(s, UTC).strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
     return {
         "format": FORMAT,
