@@ -21,7 +21,7 @@ import torch
 
 from settings import Settings
 
-FORMAT = "post-recommender/2"
+FORMAT = "post-recommender/3"
 REQUIRED_KEYS = ("format", "config", "state_dict", "vocabs", "post_ids", "metrics", "data_window", "serving")
 CHUNK = 1 << 20
 

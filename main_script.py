@@ -42,6 +42,11 @@ from settings import Settings, describe, get_settings
 from table_feed import Feed
 
 log = logging.getLogger("pipeline")
+TABLES = ("user_data", "post_text_df", "feed_data")
+
+
+class NoDataError(RuntimeError):
+    """The database lacks the three tables, or they are empty."""
 
 
 @dataclass
@@ -98,18 +103,20 @@ def model_usable(settings: Settings) -> bool:
 def load_tables(
     settings: Settings, *, progress: bool = True
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    fix = "run `python main_script.py demo-data` or `python main_script.py import-csv ...` first"
     engine = database.make_engine(settings.database_url)
+    where = engine.url.render_as_string(hide_password=True)
     try:
-        users = get_features_table.read_table(engine, "user_data", progress=progress)
-        posts = get_features_table.read_table(engine, "post_text_df", progress=progress)
-        feed = get_features_table.read_table(engine, "feed_data", progress=progress)
+        missing = [name for name in TABLES if not inspect(engine).has_table(name)]
+        if missing:
+            raise NoDataError(f"{where} has no table {', '.join(missing)}: {fix}")
+        users, posts, feed = (
+            get_features_table.read_table(engine, name, progress=progress) for name in TABLES
+        )
     finally:
         engine.dispose()
     if feed.empty or users.empty or posts.empty:
-        raise SystemExit(
-            f"the tables in {settings.database_url.split('@')[-1]} are empty: "
-            "run `python main_script.py demo-data` or `python main_script.py import-csv ...` first"
-        )
+        raise NoDataError(f"the tables in {where} are empty: {fix}")
     return users, posts, feed
 
 
@@ -433,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "export-embeddings":
             paths = export_embeddings(settings, args.out or settings.export_dir)
             print(f"wrote {paths['posts']} and {paths['users']}")
-    except (get_features_table.TableValidationError, ModelFileError, FileNotFoundError) as exc:
+    except (get_features_table.TableValidationError, ModelFileError, FileNotFoundError, NoDataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

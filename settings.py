@@ -39,7 +39,7 @@ class Settings:
     epochs: int = 4
     batch_size: int = 1024
     learning_rate: float = 2e-3
-    max_history: int = 20
+    max_history: int = 16
     train_sample: int = 1_500_000  # views sampled from the training window (the seed uses 1.5M)
     test_days: float = 14.0  # the last test_days of the feed form the test window
     # --- model file and serving ---

@@ -61,8 +61,8 @@ def test_truncated_file(tmp_path):
 
 def test_other_format_version(tmp_path):
     path = tmp_path / "old.pt"
-    torch.save({"state_dict": {}, "format": "post-recommender/1"}, path)
-    with pytest.raises(ModelFileError, match="expected 'post-recommender/2'"):
+    torch.save({"state_dict": {}, "format": "post-recommender/2"}, path)
+    with pytest.raises(ModelFileError, match=f"format 'post-recommender/2', expected '{FORMAT}': retrain"):
         load_model_file(path)
 
 

@@ -188,8 +188,23 @@ def test_empty_database_is_a_clear_error(tmp_path):
 
     engine = database.make_engine(settings.database_url)
     database.create_tables(engine)
-    with pytest.raises(SystemExit, match="empty"):
+    with pytest.raises(main_script.NoDataError, match="empty"):
         main_script.load_tables(settings)
+
+
+def test_training_on_a_new_database_says_what_to_run(tmp_path):
+    """`python main_script.py` before any data: one line naming the missing tables and the fix, exit 2."""
+    url = f"sqlite:///{tmp_path}/new.db"
+    env = {**os.environ, "DATABASE_URL": url, "MODEL_PATH": str(tmp_path / "m.pt")}
+    done = subprocess.run(
+        [sys.executable, "main_script.py", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: {url} has no table user_data, post_text_df, feed_data: run `python main_script.py "
+        "demo-data` or `python main_script.py import-csv ...` first"
+    ], done.stderr
+    assert not (tmp_path / "m.pt").exists(), "no model file from a failed run"
 
 
 def test_joint_loss_is_bce_plus_a_softmax_over_the_liked_views():
@@ -219,3 +234,30 @@ def test_joint_loss_is_bce_plus_a_softmax_over_the_liked_views():
     assert extra.item() == pytest.approx(
         torch.nn.functional.cross_entropy(row[None], torch.tensor([1])).item(), rel=1e-5
     )
+
+
+def test_history_encoder_layer_computes_the_torch_transformer_layer():
+    """The hand-written layer computes nn.TransformerEncoderLayer(norm_first, relu, no dropout)."""
+    from learn_model import HistoryEncoderLayer
+
+    torch.manual_seed(0)
+    ours = HistoryEncoderLayer(16, 2, 32).eval()
+    reference = torch.nn.TransformerEncoderLayer(16, 2, 32, 0.0, batch_first=True, norm_first=True).eval()
+    with torch.no_grad():
+        projections = (ours.query, ours.key, ours.value)
+        reference.self_attn.in_proj_weight.copy_(torch.cat([p.weight for p in projections]))
+        reference.self_attn.in_proj_bias.copy_(torch.cat([p.bias for p in projections]))
+        reference.self_attn.out_proj.weight.copy_(ours.out.weight)
+        reference.self_attn.out_proj.bias.copy_(ours.out.bias)
+        reference.linear1.load_state_dict(ours.ff[0].state_dict())
+        reference.linear2.load_state_dict(ours.ff[2].state_dict())
+        reference.norm1.load_state_dict(ours.attention_norm.state_dict())
+        reference.norm2.load_state_dict(ours.ff_norm.state_dict())
+    x = torch.randn(3, 5, 16)
+    padding = torch.tensor([[False] * 5, [True, True, False, False, False], [True] * 4 + [False]])
+    key_bias = torch.zeros(3, 5).masked_fill(padding, float("-inf"))[:, None, None, :]
+    with torch.no_grad():
+        expected = reference(x, src_key_padding_mask=padding)
+        got = ours(x, key_bias)
+    real = ~padding
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
