@@ -107,7 +107,8 @@ def load_tables(
     engine = database.make_engine(settings.database_url)
     where = engine.url.render_as_string(hide_password=True)
     try:
-        missing = [name for name in TABLES if not inspect(engine).has_table(name)]
+        existing = set(inspect(engine).get_table_names())
+        missing = [name for name in TABLES if name not in existing]
         if missing:
             raise NoDataError(f"{where} has no table {', '.join(missing)}: {fix}")
         users, posts, feed = (
@@ -141,6 +142,49 @@ def embed_stage(settings: Settings, posts: pd.DataFrame, *, progress: bool = Tru
     )
 
 
+def make_dataset(
+    settings: Settings, users: pd.DataFrame, posts: pd.DataFrame, feed: pd.DataFrame, **fitted: Any
+) -> Dataset:
+    """The tables split and featurised under the settings' test window, sample and seed; `fitted` passes
+    a trained model's vocabularies and scalers on (features.build_dataset)."""
+    return build_dataset(
+        users,
+        posts,
+        feed,
+        test_days=settings.test_days,
+        train_sample=settings.train_sample,
+        seed=settings.seed,
+        **fitted,
+    )
+
+
+def new_model(
+    settings: Settings,
+    data: Dataset,
+    codes: np.ndarray,
+    *,
+    objective: str | None = None,
+    use_history: bool = True,
+    use_text: bool = True,
+) -> TwoTower:
+    """An untrained TwoTower sized for `data`, holding the post features (text codes, topic, stats)."""
+    objective = objective or settings.objective
+    torch.manual_seed(settings.seed)
+    config = TwoTowerConfig(
+        n_posts=len(data.post_ids),
+        n_topics=len(data.vocabs["topic"]),
+        user_cardinalities=[len(data.vocabs[name]) for name in USER_CATEGORICALS],
+        text_dim=settings.text_dim,
+        max_history=settings.max_history,
+        use_history=use_history,
+        use_text=use_text,
+        exposure_head=objective == "joint",
+    )
+    model = TwoTower(config)
+    model.set_post_features(codes, data.post_topic, data.post_stats)
+    return model
+
+
 def train_stage(
     settings: Settings,
     *,
@@ -167,29 +211,10 @@ def train_stage(
     seconds["autoencoder"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    data = build_dataset(
-        users,
-        posts,
-        feed,
-        test_days=settings.test_days,
-        train_sample=settings.train_sample,
-        seed=settings.seed,
-    )
+    data = make_dataset(settings, users, posts, feed)
     seconds["features"] = time.perf_counter() - clock
 
-    torch.manual_seed(settings.seed)
-    config = TwoTowerConfig(
-        n_posts=len(data.post_ids),
-        n_topics=len(data.vocabs["topic"]),
-        user_cardinalities=[len(data.vocabs[name]) for name in USER_CATEGORICALS],
-        text_dim=settings.text_dim,
-        max_history=settings.max_history,
-        use_history=use_history,
-        use_text=use_text,
-        exposure_head=settings.objective == "joint",
-    )
-    model = TwoTower(config)
-    model.set_post_features(codes, data.post_topic, data.post_stats)
+    model = new_model(settings, data, codes, use_history=use_history, use_text=use_text)
     clock = time.perf_counter()
     history = train_two_tower(
         model,
@@ -379,13 +404,11 @@ def evaluate_saved(settings: Settings, *, progress: bool = True) -> dict[str, di
 
     payload = get_model(settings)
     users, posts, feed = load_tables(settings, progress=progress)
-    data = build_dataset(
+    data = make_dataset(
+        settings,
         users,
         posts,
         feed,
-        test_days=settings.test_days,
-        train_sample=settings.train_sample,
-        seed=settings.seed,
         vocabs=payload["vocabs"],
         age_scaler=tuple(payload["age_scaler"]),
         stats_scaler=(payload["stats_scaler"]["mean"].numpy(), payload["stats_scaler"]["std"].numpy()),

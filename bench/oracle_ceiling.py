@@ -128,7 +128,6 @@ def main() -> None:
     import main_script
     from demo_data import TASTE_NOISE_SD, USER_BIAS_SD
     from evaluate import evaluate_ranking, ranking_task
-    from features import build_dataset
     from learn_model import pointwise_metrics
     from settings import get_settings
 
@@ -137,14 +136,7 @@ def main() -> None:
     truth = main_script.load_truth(settings)
     if truth is None:
         raise SystemExit(f"no ground truth at {settings.ground_truth_path}: this needs the demo data")
-    data = build_dataset(
-        users,
-        posts,
-        feed,
-        test_days=settings.test_days,
-        train_sample=settings.train_sample,
-        seed=settings.seed,
-    )
+    data = main_script.make_dataset(settings, users, posts, feed)
     design = demographic_design(users, truth.user_ids)
     taste, bias = demographic_part(design, truth.taste), demographic_part(design, truth.user_bias)
     without_both = dataclasses.replace(truth, taste=taste, user_bias=bias)

@@ -32,10 +32,7 @@ def main() -> None:
     import torch
 
     import main_script
-    from features import USER_CATEGORICALS, build_dataset
     from learn_model import (
-        TwoTower,
-        TwoTowerConfig,
         bce_loss,
         make_user_batch,
         train_autoencoder,
@@ -55,25 +52,13 @@ def main() -> None:
     _, codes, _ = train_autoencoder(embeddings, code_dim=settings.text_dim, progress=False)
     seconds["autoencoder"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    data = build_dataset(users, posts, feed, test_days=settings.test_days, train_sample=settings.train_sample)
+    data = main_script.make_dataset(settings, users, posts, feed)
     seconds["features"] = time.perf_counter() - clock
-
-    def new_model(objective: str) -> TwoTower:
-        config = TwoTowerConfig(
-            n_posts=len(data.post_ids),
-            n_topics=len(data.vocabs["topic"]),
-            user_cardinalities=[len(data.vocabs[name]) for name in USER_CATEGORICALS],
-            max_history=settings.max_history,
-            exposure_head=objective == "joint",
-        )
-        model = TwoTower(config)
-        model.set_post_features(codes, data.post_topic, data.post_stats)
-        return model
 
     epochs = {}
     for objective in args.objectives:
         history = train_two_tower(
-            new_model(objective),
+            main_script.new_model(settings, data, codes, objective=objective),
             users=data.users,
             histories=data.histories,
             views=data.train_views,
@@ -86,7 +71,7 @@ def main() -> None:
         epochs[objective] = {"epoch_s": history[0]["seconds"], "samples_per_s": history[0]["samples_per_s"]}
         print(f"{objective}: {epochs[objective]}", file=sys.stderr, flush=True)
 
-    model = new_model("bce")
+    model = main_script.new_model(settings, data, codes, objective="bce")
     optimizer = torch.optim.AdamW(model.parameters())
     rng = np.random.default_rng(0)
     steps = []

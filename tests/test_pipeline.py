@@ -19,6 +19,19 @@ from learn_model import TwoTower, TwoTowerConfig, sampled_softmax_loss
 from serving import Recommender
 
 
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python main_script.py ARGS` from the repository, output captured; the caller checks the result."""
+    return subprocess.run(
+        [sys.executable, "main_script.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def test_model_file_describes_itself_and_loads_with_weights_only(tiny_model):
     payload = torch.load(tiny_model.model_path, weights_only=True)
     assert payload["format"] == FORMAT
@@ -76,15 +89,7 @@ def test_evaluate_cli_prints_one_json_object(tiny_model):
         "GROUND_TRUTH_PATH": str(tiny_model.ground_truth_path),
         "EMBED_CACHE_DIR": str(tiny_model.embed_cache_dir),
     }
-    done = subprocess.run(
-        [sys.executable, "main_script.py", "--quiet", "evaluate", "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_cli("--quiet", "evaluate", "--json", env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert set(result) == {"model", "popularity", "random", "oracle"}
@@ -157,27 +162,13 @@ def test_demo_data_if_missing_keeps_existing_tables(tiny_model, capsys):
         "DATABASE_URL": tiny_model.database_url,
         "GROUND_TRUTH_PATH": str(tiny_model.ground_truth_path),
     }
-    done = subprocess.run(
-        [sys.executable, "main_script.py", "demo-data", "--if-missing"],
-        cwd=ROOT,
-        env=settings_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_cli("demo-data", "--if-missing", env=settings_env, timeout=120)
     assert done.returncode == 0 and "skipping" in done.stdout, done.stderr[-1000:]
 
 
 def test_cli_help_lists_every_stage():
-    done = subprocess.run(
-        [sys.executable, "main_script.py", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    done = run_cli("--help", timeout=60)
+    assert done.returncode == 0, done.stderr
     for command in ("all", "demo-data", "import-csv", "embed", "train", "evaluate", "export-embeddings"):
         assert command in done.stdout
 
@@ -196,9 +187,7 @@ def test_training_on_a_new_database_says_what_to_run(tmp_path):
     """`python main_script.py` before any data: one line naming the missing tables and the fix, exit 2."""
     url = f"sqlite:///{tmp_path}/new.db"
     env = {**os.environ, "DATABASE_URL": url, "MODEL_PATH": str(tmp_path / "m.pt")}
-    done = subprocess.run(
-        [sys.executable, "main_script.py", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    done = run_cli("--quiet", env=env)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
         f"error: {url} has no table user_data, post_text_df, feed_data: run `python main_script.py "
