@@ -6,9 +6,9 @@ PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint bench clean-demo
+.PHONY: run test lint fuzz bench container-check clean-demo
 
-$(VENV)/.runtime: requirements.txt
+$(VENV)/.runtime: requirements.txt requirements-serve.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
@@ -27,11 +27,21 @@ test: $(VENV)/.dev  ## ruff, then every test (database tests on SQLite and, when
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
-lint: $(VENV)/.dev
+lint: $(VENV)/.dev  ## ruff (lint and format) and hadolint on the Dockerfile
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
+
+fuzz: $(VENV)/.dev  ## Schemathesis, every check, against the service `make run` started on $(PORT)
+	$(VENV)/bin/schemathesis run http://127.0.0.1:$(PORT)/openapi.json --checks all \
+		--phases examples,coverage,fuzzing
 
 bench: $(VENV)/.dev
 	$(PY) bench/serve.py
+
+container-check: $(VENV)/.runtime  ## build the image on a local Debian base (podman), run it on the demo, ask it
+	$(PY) main_script.py demo-data --if-missing
+	$(PY) main_script.py all --if-missing
+	tools/container_check.sh data
 
 clean-demo:  ## remove the generated demo database, truth file, caches and model
 	rm -rf data/

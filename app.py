@@ -3,20 +3,22 @@
 `uvicorn app:app` serves with settings from the environment / `.env`; tests build their own app with
 `create_app(Settings(...))`. The lifespan opens the database engine once and, when the model file
 exists, loads the recommender (model, item matrix, user histories) once; requests only read memory
-and, for the table endpoints, the database.
+and, for the table endpoints, the database. Three routers: health, recommendations, tables. Every
+route answers with and without a trailing slash (the seed writes `/user/{id}/feed/?limit=`); the
+schema lists one form.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import pandas as pd
-from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -26,34 +28,48 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import database
-from database import SessionDep
+from database import Base, SessionDep
+from features import TIME_HINT, TIME_PATTERN, TIME_RANGE, parse_time
 from get_model import ModelFileError, load_model_file, resolve_model_file
-from schema import ErrorGet, FeedGet, HealthGet, PostGet, UserGet
-from serving import Recommender, parse_time
-from settings import Settings, get_settings
+from schema import ErrorGet, FeedGet, HealthGet, LiveGet, PostGet, UserGet
+from serving import Recommender
+from settings import Settings
 from table_feed import Feed
 from table_post import Post
 from table_user import User
 
 MAX_LIMIT = 100  # every ?limit= is bounded, so no request can ask for an unbounded response
+MAX_ID = 2**31 - 1  # the tables' ids are 32-bit integers
 log = logging.getLogger("recommender")
 
-IdPath = Annotated[int, Path(ge=0, le=2**31 - 1, description="the row's id")]
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-RecLimit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="how many posts")]
+IdPath = Annotated[int, Path(ge=0, le=MAX_ID, description="the row's id", examples=[200])]
 FeedLimit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="how many feed rows, newest first")]
+UserQuery = Annotated[int, Query(ge=0, le=MAX_ID, description="user_id", examples=[200])]
+RecLimit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="how many posts")]
+TimeQuery = Annotated[
+    str,
+    Query(
+        description=f"the moment to recommend at, {TIME_HINT}, from {TIME_RANGE[0]} to {TIME_RANGE[1]}",
+        examples=["2021-12-01 12:00:00"],
+        json_schema_extra={"pattern": TIME_PATTERN},
+    ),
+]
 NOT_FOUND = {404: {"model": ErrorGet, "description": "no row with that id"}}
 UNAVAILABLE = {503: {"model": ErrorGet, "description": "the database is unavailable; try again shortly"}}
-TABLE_ERRORS = NOT_FOUND | UNAVAILABLE
+NO_MODEL = {503: {"model": ErrorGet, "description": "no model loaded, or the database is unavailable"}}
+Row = TypeVar("Row", bound=Base)
+
+
+# ----------------------------------------------------------------------------- app and lifespan
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The FastAPI app; `settings` default to get_settings() read when the app starts."""
+    """The FastAPI app; `settings` default to Settings() read when the app starts."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.settings = current = settings or get_settings()
-        app.state.engine = database.make_engine(current.database_url)
+        app.state.settings = current = settings or Settings()
+        app.state.engine = database.make_engine(current.db_url)
         app.state.session_factory = database.session_factory(app.state.engine)
         app.state.recommender = load_recommender(current)
         if app.state.recommender:
@@ -75,7 +91,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(OneLineStartupFailure)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(DBAPIError, _database_unavailable)
-    _add_routes(app)
+    for router in (health, recommendations, tables):  # recommendations first: /post/recommendations
+        app.include_router(router)  # must not be taken for /post/{id}
     return app
 
 
@@ -164,98 +181,121 @@ async def refresh_forever(app: FastAPI) -> None:
             log.warning("refresh failed (%s); serving the previous histories", exc.__class__.__name__)
 
 
-def feed_rows(
-    session: Session, column: InstrumentedAttribute, owner: type, id: int, limit: int
-) -> list[Feed]:
-    """The newest `limit` feed rows with column == id; 404 when the user/post itself does not exist."""
-    query = select(Feed).where(column == id).order_by(Feed.timestamp.desc()).limit(limit)
-    rows = list(session.scalars(query).unique())
-    if not rows and session.get(owner, id) is None:  # the existence check only when nothing came back
-        raise HTTPException(404, detail=f"{owner.__name__.lower()} {id} not found")
-    return rows
-
-
 async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
     log.warning("database error: %s", exc.__class__.__name__)
     return JSONResponse(status_code=503, content={"detail": "database unavailable, try again shortly"})
 
 
-def _add_routes(app: FastAPI) -> None:
-    @app.get("/health", response_model=HealthGet, tags=["service"])
-    def health(request: Request) -> HealthGet:
-        """Liveness and readiness: whether the database answers and the model is loaded."""
-        try:
-            with request.app.state.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            db_state = "up"
-        except Exception:  # any failure means "down" for the health report; it never raises
-            db_state = "down"
-        model = "loaded" if getattr(request.app.state, "recommender", None) else "absent"
-        return HealthGet(status="ok" if db_state == "up" else "degraded", database=db_state, model=model)
+# ----------------------------------------------------------------------------- routing helpers
 
-    @app.get("/user/{id}", response_model=UserGet, responses=TABLE_ERRORS, tags=["tables"])
-    def get_user(id: IdPath, session: SessionDep) -> User:
-        """One user's profile."""
-        user = session.get(User, id)
-        if user is None:
-            raise HTTPException(404, detail=f"user {id} not found")
-        return user
 
-    @app.get("/post/{id}", response_model=PostGet, responses=TABLE_ERRORS, tags=["tables"])
-    def get_post(id: IdPath, session: SessionDep) -> Post:
-        """One post: its text and topic."""
-        post = session.get(Post, id)
-        if post is None:
-            raise HTTPException(404, detail=f"post {id} not found")
-        return post
+def get_route(router: APIRouter, path: str, **options: Any) -> Callable[[Callable], Callable]:
+    """router.get for `path` (in the schema) and the same path with or without a trailing slash."""
+    alias = path.removesuffix("/") if path.endswith("/") else f"{path}/"
 
-    @app.get("/user/{id}/feed", response_model=list[FeedGet], responses=TABLE_ERRORS, tags=["tables"])
-    def get_user_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[Feed]:
-        """The user's views and likes, newest first."""
-        return feed_rows(session, Feed.user_id, User, id, limit)
+    def register(endpoint: Callable) -> Callable:
+        router.get(alias, include_in_schema=False, **options)(endpoint)
+        return router.get(path, **options)(endpoint)
 
-    @app.get("/post/{id}/feed", response_model=list[FeedGet], responses=TABLE_ERRORS, tags=["tables"])
-    def get_post_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[Feed]:
-        """The post's views and likes, newest first."""
-        return feed_rows(session, Feed.post_id, Post, id, limit)
+    return register
 
-    @app.get(
-        "/post/recommendations/",
-        response_model=list[PostGet],
-        responses=NOT_FOUND
-        | {503: {"model": ErrorGet, "description": "no model loaded, or the database is unavailable"}},
-        tags=["recommendations"],
-    )
-    async def recommend(
-        request: Request,
-        id: Annotated[int, Query(ge=0, le=2**31 - 1, description="user_id")],
-        time: Annotated[
-            str,
-            Query(
-                description="the moment to recommend at, YYYY-mm-dd HH:MM:SS (2021-12-01 12:00:00)",
-                examples=["2021-12-01 12:00:00"],
-                max_length=19,
-            ),
-        ],
-        limit: RecLimit = 5,
-    ) -> list[Post]:
-        """The top `limit` posts for user `id` at `time`: history before `time`, liked posts excluded."""
-        recommender: Recommender | None = request.app.state.recommender
-        if recommender is None:
-            raise HTTPException(503, detail="no model loaded: train one with `python main_script.py`")
-        try:
-            moment = parse_time(time)
-        except ValueError:
-            message = f"time must look like 2021-12-01 12:00:00 ({TIME_FORMAT})"
-            error = {"type": "datetime_parsing", "loc": ("query", "time"), "msg": message, "input": time}
-            raise RequestValidationError([error]) from None
-        row = recommender.user_row(id)
-        if row >= 0:  # the usual path, memory only (~0.5 ms of CPU): inline, no worker-thread round trips
-            body = recommender.response_body(recommender.recommend(row, moment, limit))
-            if body is not None:  # pre-encoded PostGet JSON
-                return Response(body, media_type="application/json")
-        # a user added after training, or post texts not in memory: the database, in a worker thread
-        return await run_in_threadpool(_recommend_from_database, request, recommender, id, moment, limit)
+
+def get_or_404(session: Session, table: type[Row], id: int) -> Row:
+    """The row of `table` with primary key `id`, or a 404 naming the table's row kind."""
+    row = session.get(table, id)
+    if row is None:
+        raise HTTPException(404, detail=f"{table.__name__.lower()} {id} not found")
+    return row
+
+
+def feed_rows(
+    session: Session, column: InstrumentedAttribute, owner: type[Row], id: int, limit: int
+) -> list[Feed]:
+    """The newest `limit` feed rows with column == id; 404 when the user/post itself does not exist."""
+    query = select(Feed).where(column == id).order_by(Feed.timestamp.desc()).limit(limit)
+    rows = list(session.scalars(query).unique())
+    if not rows:  # the existence check only when nothing came back
+        get_or_404(session, owner, id)
+    return rows
+
+
+# ----------------------------------------------------------------------------- health
+
+health = APIRouter(tags=["service"])
+
+
+@get_route(health, "/health/live", response_model=LiveGet)
+def live() -> LiveGet:
+    """Liveness: the process answers. Touches neither the database nor the model."""
+    return LiveGet(status="alive")
+
+
+@get_route(health, "/health", response_model=HealthGet)
+def ready(request: Request) -> HealthGet:
+    """Readiness: whether the database answers and the model is loaded."""
+    try:
+        with request.app.state.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        db_state = "up"
+    except Exception:  # any failure means "down" for the health report; it never raises
+        db_state = "down"
+    model = "loaded" if getattr(request.app.state, "recommender", None) else "absent"
+    return HealthGet(status="ok" if db_state == "up" else "degraded", database=db_state, model=model)
+
+
+# ----------------------------------------------------------------------------- tables
+
+tables = APIRouter(tags=["tables"], responses=NOT_FOUND | UNAVAILABLE)
+
+
+@get_route(tables, "/user/{id}", response_model=UserGet)
+def get_user(id: IdPath, session: SessionDep) -> User:
+    """One user's profile."""
+    return get_or_404(session, User, id)
+
+
+@get_route(tables, "/post/{id}", response_model=PostGet)
+def get_post(id: IdPath, session: SessionDep) -> Post:
+    """One post: its text and topic."""
+    return get_or_404(session, Post, id)
+
+
+@get_route(tables, "/user/{id}/feed", response_model=list[FeedGet])
+def get_user_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[Feed]:
+    """The user's views and likes, newest first."""
+    return feed_rows(session, Feed.user_id, User, id, limit)
+
+
+@get_route(tables, "/post/{id}/feed", response_model=list[FeedGet])
+def get_post_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[Feed]:
+    """The post's views and likes, newest first."""
+    return feed_rows(session, Feed.post_id, Post, id, limit)
+
+
+# ----------------------------------------------------------------------------- recommendations
+
+recommendations = APIRouter(tags=["recommendations"], responses=NOT_FOUND | NO_MODEL)
+
+
+@get_route(recommendations, "/post/recommendations/", response_model=list[PostGet])
+async def recommend(request: Request, id: UserQuery, time: TimeQuery, limit: RecLimit = 5) -> Any:
+    """The top `limit` posts for user `id` at `time`: history before `time`, liked posts excluded."""
+    recommender: Recommender | None = request.app.state.recommender
+    if recommender is None:
+        raise HTTPException(503, detail="no model loaded: train one with `python main_script.py`")
+    try:
+        moment = parse_time(time)
+    except ValueError:
+        message = f"time must look like 2021-12-01 12:00:00 ({TIME_HINT}), {TIME_RANGE[0]}..{TIME_RANGE[1]}"
+        error = {"type": "datetime_parsing", "loc": ("query", "time"), "msg": message, "input": time}
+        raise RequestValidationError([error]) from None
+    row = recommender.user_row(id)
+    if row >= 0:  # the usual path, memory only: inline, no worker-thread round trips
+        body = recommender.response_body(recommender.recommend(row, moment, limit))
+        if body is not None:  # pre-encoded PostGet JSON
+            return Response(body, media_type="application/json")
+    # a user added after training, or post texts not in memory: the database, in a worker thread
+    return await run_in_threadpool(_recommend_from_database, request, recommender, id, moment, limit)
 
 
 def _recommend_from_database(
@@ -266,9 +306,7 @@ def _recommend_from_database(
         if row >= 0:
             post_rows = recommender.recommend(row, moment, limit)
         else:  # a user added after training: static features, no history
-            user = session.get(User, id)
-            if user is None:
-                raise HTTPException(404, detail=f"user {id} not found")
+            user = get_or_404(session, User, id)
             post_rows = recommender.recommend(0, moment, limit, users=recommender.static_features(user))
         body = recommender.response_body(post_rows)
         if body is None and not recommender.has_all_posts():  # the database was down at startup

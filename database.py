@@ -56,15 +56,6 @@ def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
 
 
-def create_tables(engine: Engine) -> None:
-    """Create user_data, post_text_df and feed_data (with the feed indexes) where missing."""
-    import table_feed  # noqa: F401  (registers the tables on Base.metadata)
-    import table_post  # noqa: F401
-    import table_user  # noqa: F401
-
-    Base.metadata.create_all(engine)
-
-
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
 

@@ -74,6 +74,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from settings import SCALE_NAMES, Settings
+
 START = datetime(2021, 10, 1)
 END = datetime(2021, 12, 29, 23, 59, 59)
 SPAN_SECONDS = int((END - START).total_seconds())
@@ -470,11 +472,17 @@ class Scale:
             )
 
 
-SCALES: dict[str, Scale] = {
-    "tiny": Scale(n_users=400, n_posts=150, n_views=25_000),
-    "small": Scale(n_users=5_000, n_posts=1_000, n_views=270_000),
-    "full": Scale(n_users=FULL_USERS, n_posts=FULL_POSTS, n_views=9_150_000),
-}
+SCALES: dict[str, Scale] = dict(
+    zip(
+        SCALE_NAMES,  # tiny, small, full
+        (
+            Scale(n_users=400, n_posts=150, n_views=25_000),
+            Scale(n_users=5_000, n_posts=1_000, n_views=270_000),
+            Scale(n_users=FULL_USERS, n_posts=FULL_POSTS, n_views=9_150_000),
+        ),
+        strict=True,
+    )
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -1164,7 +1172,7 @@ def _resolve_scale(scale: str | Scale) -> Scale:
     return SCALES[scale]
 
 
-def generate(scale: str | Scale = "small", *, seed: int = 0, progress: bool = True) -> DemoData:
+def generate(scale: str | Scale, *, seed: int, progress: bool = True) -> DemoData:
     """The three tables and the ground truth, identical for the same scale and seed."""
     scale = _resolve_scale(scale)
     rng_users, rng_posts, rng_text, rng_model, rng_views, rng_likes = (
@@ -1195,9 +1203,12 @@ def generate(scale: str | Scale = "small", *, seed: int = 0, progress: bool = Tr
 
 
 def main(argv: list[str] | None = None) -> None:
+    settings = Settings()
     parser = argparse.ArgumentParser(description="Write the demo tables as CSV files and the truth as .npz.")
-    parser.add_argument("--scale", default="small", choices=sorted(SCALES))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--scale", default=settings.demo_scale, choices=SCALE_NAMES, help="default: DEMO_SCALE"
+    )
+    parser.add_argument("--seed", type=int, default=settings.seed, help="default: SEED")
     parser.add_argument("--out", type=Path, default=Path("data") / "demo_csv")
     args = parser.parse_args(argv)
     began = time.perf_counter()

@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from features import ACTION_LIKE, POST_STAT_NAMES, Dataset, Histories
-from learn_model import TwoTower, make_user_batch, pointwise_metrics, predict
+from learn_model import pointwise_metrics, predict
+from model import TwoTower, make_user_batch
 
 if TYPE_CHECKING:
     from demo_data import GroundTruth

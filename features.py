@@ -7,12 +7,28 @@ Times are int64 seconds since the Unix epoch everywhere below. Leakage rules, ea
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # the feed's timestamps and the API's `time`: naive, one-second steps
+TIME_HINT = "YYYY-mm-dd HH:MM:SS"
+TIME_RANGE = ("1678-01-01 00:00:00", "2261-12-31 23:59:59")  # inside datetime64[ns], which pandas uses
+_YEAR = r"(?:16(?:7[89]|[89]\d)|1[7-9]\d\d|2[01]\d\d|22(?:[0-5]\d|6[01]))"  # 1678..2261
+_LEAP_YEAR = (  # the leap years among them: 1700, 1800, 1900, 2100 and 2200 are not, 2000 is
+    r"(?:16(?:8[048]|9[26])|(?:1[7-9]|2[01])(?:0[48]|[2468][048]|[13579][26])|2000"
+    r"|22(?:0[48]|[24][048]|[13][26]|5[26]|60))"
+)
+# Exactly the strings parse_time accepts (a test walks every day of the range), for the OpenAPI schema.
+TIME_PATTERN = (
+    rf"^(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)"
+    rf"|02-(?:0[1-9]|1\d|2[0-8]))|{_LEAP_YEAR}-02-29) (?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d$"
+)
+_EPOCH = datetime(1970, 1, 1)
 UNKNOWN = "<unk>"  # index 0 of every vocabulary: a category never seen in training lands here
 USER_CATEGORICALS = ("gender", "country", "city", "exp_group", "os", "source", "age_bucket")
 AGE_BUCKETS = np.array([18, 22, 26, 30, 35, 40, 50, 60])  # right edges; 9 buckets
@@ -38,6 +54,18 @@ def to_seconds(timestamps: pd.Series | np.ndarray | pd.DatetimeIndex) -> np.ndar
     values = np.asarray(timestamps, dtype="datetime64[ns]")
     assert not np.isnat(values).any(), "timestamps must not be missing"
     return values.astype("datetime64[s]").astype(np.int64)
+
+
+def parse_time(value: str) -> int:
+    """'YYYY-mm-dd HH:MM:SS' in TIME_RANGE -> int64 seconds since the epoch; ValueError otherwise."""
+    if not re.fullmatch(TIME_PATTERN, value):
+        raise ValueError(f"{value!r} is not a time {TIME_HINT} between {TIME_RANGE[0]} and {TIME_RANGE[1]}")
+    return (datetime.strptime(value, TIME_FORMAT) - _EPOCH) // timedelta(seconds=1)
+
+
+def format_time(seconds: int) -> str:
+    """int64 seconds since the epoch -> 'YYYY-mm-dd HH:MM:SS'."""
+    return (_EPOCH + timedelta(seconds=int(seconds))).strftime(TIME_FORMAT)
 
 
 def time_features(seconds: np.ndarray) -> np.ndarray:
@@ -169,7 +197,7 @@ class Histories:
 
     Events of user row u are ev_*[user_ptr[u]:user_ptr[u + 1]], sorted by time. ev_seen / ev_liked count
     the user's events / likes up to and including each event over the WHOLE history, so they stay right
-    after tail() keeps only the last events. `likes` holds the like events alone (all of them): the
+    in a subset of the events (select). `likes` holds the like events alone (all of them): the
     long-term memory the user tower reads beside the recent events, and the serving exclusions.
     """
 
@@ -285,12 +313,6 @@ class Histories:
             self.likes,
         )
 
-    def tail(self, max_history: int) -> Histories:
-        """Only each user's last max_history events (the serving snapshot); `likes` stays whole."""
-        counts = np.diff(self.user_ptr)
-        keep_from = self.user_ptr[1:] - np.minimum(counts, max_history)
-        return self.select(np.arange(self.n_events) >= keep_from[self.owner()])
-
     def merge(self, new: Histories) -> Histories:
         """These events followed by `new` ones, with the whole-history counts continued.
 
@@ -375,14 +397,12 @@ def _from_arrays(
     )
 
 
-def build_user_histories(
-    feed: pd.DataFrame, user_ids: np.ndarray, post_ids: np.ndarray, *, max_history: int | None = None
-) -> Histories:
+def build_user_histories(feed: pd.DataFrame, user_ids: np.ndarray, post_ids: np.ndarray) -> Histories:
     """Views and likes per user, in time order, as Histories (rows follow user_ids, sorted ascending).
 
     A view's `target` is not used: it reveals a like that may happen after the history's cutoff. The
     like itself enters as its own event at its own time. Events naming an unknown user or post are
-    dropped. With max_history, only each user's last max_history events are kept (likes stay whole).
+    dropped.
     """
     user_rows = lookup(user_ids, feed["user_id"].to_numpy())
     post_rows = lookup(post_ids, feed["post_id"].to_numpy())
@@ -392,7 +412,7 @@ def build_user_histories(
         user_rows[keep], to_seconds(feed["timestamp"])[keep], post_rows[keep], actions, len(user_ids)
     )
     histories.likes = histories.select(histories.ev_action == ACTION_LIKE)
-    return histories.tail(max_history) if max_history is not None else histories
+    return histories
 
 
 # ----------------------------------------------------------------------------- the training set
@@ -434,7 +454,7 @@ class Dataset:
     users: UserFeatures
     post_ids: np.ndarray  # int64, sorted
     post_topic: np.ndarray  # int64 topic index per post row
-    post_stats: np.ndarray  # float32 [n_posts, 3], standardised, from the training window only
+    post_stats: np.ndarray  # float32 [n_posts, len(POST_STAT_NAMES)], standardised, training window only
     stats_scaler: tuple[np.ndarray, np.ndarray]
     histories: Histories  # all events, both sides of the cutoff (windows never look past their time)
     train_views: Interactions

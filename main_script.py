@@ -31,18 +31,22 @@ from features import (
     POST_STAT_NAMES,
     USER_CATEGORICALS,
     Dataset,
+    Histories,
+    UserFeatures,
     build_dataset,
+    format_time,
     post_statistics,
     to_seconds,
 )
+from get_features_table import TABLES
 from get_model import FORMAT, ModelFileError, get_model, load_model_file, save_model_file
 from get_post_embeddings import embed_posts, resolve_encoder
-from learn_model import TwoTower, TwoTowerConfig, train_autoencoder, train_two_tower
-from settings import Settings, describe, get_settings
+from learn_model import train_autoencoder, train_two_tower
+from model import TwoTower, TwoTowerConfig, make_user_batch, two_tower_from_payload
+from settings import OBJECTIVES, SCALE_NAMES, Settings, describe
 from table_feed import Feed
 
 log = logging.getLogger("pipeline")
-TABLES = ("user_data", "post_text_df", "feed_data")
 
 
 class NoDataError(RuntimeError):
@@ -66,7 +70,7 @@ def make_demo_data(settings: Settings, *, scale: str | None = None, progress: bo
     """Generate the demo tables into DATABASE_URL and the generator's truth file beside them."""
     scale = scale or settings.demo_scale
     demo = demo_data.generate(scale, seed=settings.seed, progress=progress)
-    engine = database.make_engine(settings.database_url)
+    engine = database.make_engine(settings.db_url)
     try:
         counts = get_features_table.write_tables(
             engine, users=demo.users, posts=demo.posts, feed=demo.feed, progress=progress
@@ -78,7 +82,7 @@ def make_demo_data(settings: Settings, *, scale: str | None = None, progress: bo
 
 
 def demo_data_present(settings: Settings) -> bool:
-    engine = database.make_engine(settings.database_url)
+    engine = database.make_engine(settings.db_url)
     try:
         if not inspect(engine).has_table("feed_data"):
             return False
@@ -90,10 +94,8 @@ def demo_data_present(settings: Settings) -> bool:
 
 def model_usable(settings: Settings) -> bool:
     """Whether MODEL_PATH holds a model file this code can serve (else --if-missing retrains)."""
-    from serving import Recommender
-
     try:
-        Recommender.from_payload(load_model_file(settings.model_path, sha256=settings.model_sha256))
+        two_tower_from_payload(load_model_file(settings.model_path, sha256=settings.model_sha256))
         return True
     except ModelFileError as exc:
         print(f"{exc}: training a new one", file=sys.stderr)
@@ -104,7 +106,7 @@ def load_tables(
     settings: Settings, *, progress: bool = True
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     fix = "run `python main_script.py demo-data` or `python main_script.py import-csv ...` first"
-    engine = database.make_engine(settings.database_url)
+    engine = database.make_engine(settings.db_url)
     where = engine.url.render_as_string(hide_password=True)
     try:
         existing = set(inspect(engine).get_table_names())
@@ -266,7 +268,6 @@ def model_payload(
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["post_stats"] = torch.tensor((serving_stats - mean) / std)
     histories = data.histories  # every event of the feed already, both sides of the cutoff
-    iso = lambda s: datetime.fromtimestamp(s, UTC).strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
     return {
         "format": FORMAT,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -280,7 +281,7 @@ def model_payload(
         "text_encoder": resolve_encoder(settings.text_encoder).rsplit("/site-packages/", 1)[-1],
         "objective": settings.objective,
         "train_size": train_size,
-        "data_window": {"start": iso(data.start), "cutoff": iso(data.cutoff), "end": iso(data.end)},
+        "data_window": {name: format_time(getattr(data, name)) for name in ("start", "cutoff", "end")},
         "metrics": metrics,
         "history": history,
         "serving": {
@@ -329,19 +330,39 @@ def summary_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def export_embeddings(settings: Settings, out_dir: Path) -> dict[str, Path]:
-    """User embeddings (at the end of the data) and post embeddings of the trained model, as CSV."""
-    from serving import Recommender
+@torch.inference_mode()
+def user_embeddings_at(
+    model: TwoTower, users: UserFeatures, histories: Histories, time: int, *, chunk: int = 4096
+) -> np.ndarray:
+    """[n_users, embed_dim]: every user's embedding at `time` (history strictly before it)."""
+    item_matrix = model.item_embeddings()
+    out = [np.zeros((0, item_matrix.shape[1]), np.float32)]
+    for start in range(0, len(users.user_ids), chunk):
+        rows = np.arange(start, min(start + chunk, len(users.user_ids)))
+        batch = make_user_batch(users, histories, rows, np.full(len(rows), time), model.config)
+        out.append(model.users(batch, item_matrix[batch.hist_post]).numpy())
+    return np.concatenate(out)
 
-    recommender = Recommender.from_payload(get_model(settings), threads=torch.get_num_threads())
+
+def export_embeddings(settings: Settings, out_dir: Path) -> dict[str, Path]:
+    """User embeddings (at the end of the model's data) and post embeddings of the model, as CSV."""
+    payload = get_model(settings)
+    model = two_tower_from_payload(payload)
+    serving = {name: value.numpy() for name, value in payload["serving"].items() if name != "snapshot_end"}
+    users = UserFeatures(serving["user_ids"], serving["user_categorical"], serving["user_numeric"])
+    histories = Histories.from_arrays(
+        {k.removeprefix("history_"): v for k, v in serving.items() if k.startswith("history_")}
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     post_path, user_path = out_dir / "post_embeddings.csv", out_dir / "user_embeddings.csv"
-    posts = pd.DataFrame(recommender.item_matrix.numpy()).add_prefix("e")
-    posts.insert(0, "post_id", recommender.post_ids)
-    posts.to_csv(post_path, index=False)
-    users = pd.DataFrame(recommender.user_embeddings_at_end()).add_prefix("e")
-    users.insert(0, "user_id", recommender.user_ids)
-    users.to_csv(user_path, index=False)
+    with torch.inference_mode():
+        post_table = pd.DataFrame(model.item_embeddings().numpy()).add_prefix("e")
+    post_table.insert(0, "post_id", payload["post_ids"].numpy())
+    post_table.to_csv(post_path, index=False)
+    end = int(payload["serving"]["snapshot_end"])
+    user_table = pd.DataFrame(user_embeddings_at(model, users, histories, end)).add_prefix("e")
+    user_table.insert(0, "user_id", users.user_ids)
+    user_table.to_csv(user_path, index=False)
     return {"posts": post_path, "users": user_path}
 
 
@@ -373,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     all_cmd.add_argument("--if-missing", action="store_true", help="do nothing when MODEL_PATH exists")
 
     demo = commands.add_parser("demo-data", help="generate the demo tables into DATABASE_URL")
-    demo.add_argument("--scale", choices=("tiny", "small", "full"), help="default: DEMO_SCALE")
+    demo.add_argument("--scale", choices=SCALE_NAMES, help="default: DEMO_SCALE")
     demo.add_argument("--seed", type=int, help="default: SEED")
     demo.add_argument("--if-missing", action="store_true", help="do nothing when the feed table has rows")
 
@@ -385,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("embed", help="embed the post texts with TEXT_ENCODER (cached in EMBED_CACHE_DIR)")
 
     train = commands.add_parser("train", help="train and evaluate, then write MODEL_PATH atomically")
-    train.add_argument("--objective", choices=("bce", "softmax"), help="default: OBJECTIVE")
+    train.add_argument("--objective", choices=OBJECTIVES, help="default: OBJECTIVE")
     train.add_argument("--epochs", type=int, help="default: EPOCHS")
 
     evaluate = commands.add_parser(
@@ -400,8 +421,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate_saved(settings: Settings, *, progress: bool = True) -> dict[str, dict[str, float]]:
     """Re-run the evaluation of the saved model file on the current database (same split and protocol)."""
-    from serving import Recommender
-
     payload = get_model(settings)
     users, posts, feed = load_tables(settings, progress=progress)
     data = make_dataset(
@@ -413,7 +432,7 @@ def evaluate_saved(settings: Settings, *, progress: bool = True) -> dict[str, di
         age_scaler=tuple(payload["age_scaler"]),
         stats_scaler=(payload["stats_scaler"]["mean"].numpy(), payload["stats_scaler"]["std"].numpy()),
     )
-    model = Recommender.from_payload(payload).model
+    model = two_tower_from_payload(payload)
     # The file carries statistics up to the end of the feed; the protocol scores with the training window's.
     with torch.no_grad():
         model.post_stats.copy_(torch.from_numpy(data.post_stats))
@@ -426,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     progress = not args.quiet
-    settings = get_settings()
+    settings = Settings()
     command = args.command or "all"
     try:
         if command == "demo-data":
@@ -440,11 +459,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"wrote {counts} in {time.perf_counter() - clock:.1f} s; truth: {settings.ground_truth_path}"
             )
         elif command == "import-csv":
-            engine = database.make_engine(settings.database_url)
+            engine = database.make_engine(settings.db_url)
             counts = get_features_table.import_csv(engine, users=args.users, posts=args.posts, feed=args.feed)
             print(f"imported {counts}")
         elif command == "embed":
-            engine = database.make_engine(settings.database_url)
+            engine = database.make_engine(settings.db_url)
             posts = get_features_table.read_table(engine, "post_text_df")
             vectors = embed_stage(settings, posts, progress=progress)
             print(f"{len(vectors)} posts embedded: {vectors.shape[1]}-D, cache in {settings.embed_cache_dir}")

@@ -51,6 +51,10 @@ class FeedGet(BaseModel):
     post: PostGet
 
 
+class LiveGet(BaseModel):
+    status: str = Field(description="'alive' whenever the process answers", examples=["alive"])
+
+
 class HealthGet(BaseModel):
     status: str = Field(description="'ok' when the database answers, 'degraded' when it does not")
     database: str = Field(description="'up' or 'down'")

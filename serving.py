@@ -14,25 +14,14 @@ import json
 import threading
 import warnings
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from features import (
-    USER_CATEGORICALS,
-    Histories,
-    UserFeatures,
-    age_bucket,
-    build_user_histories,
-    encode,
-    lookup,
-    to_seconds,
-)
-from get_model import ModelFileError
-from learn_model import TwoTower, TwoTowerConfig, UserBatch, make_user_batch
+from features import Histories, UserFeatures, build_user_histories, lookup, to_seconds, user_features
+from model import TwoTower, UserBatch, make_user_batch, two_tower_from_payload
 
 
 @dataclass
@@ -67,17 +56,9 @@ class Recommender:
         self._user_vector = _trace_user_vector(self.model, self.item_matrix, self.users, histories)
 
     @classmethod
-    def from_payload(cls, payload: dict[str, Any], *, threads: int = 1) -> Recommender:
+    def from_payload(cls, payload: dict[str, Any], *, threads: int) -> Recommender:
         torch.set_num_threads(threads)
-        try:
-            model = TwoTower(TwoTowerConfig(**payload["config"]))
-            model.load_state_dict(payload["state_dict"])
-            return cls(model, payload)
-        except (TypeError, RuntimeError, KeyError) as exc:
-            raise ModelFileError(
-                f"the model file does not fit this version of the code ({str(exc).splitlines()[0][:160]}): "
-                "retrain it with `python main_script.py`"
-            ) from exc
+        return cls(two_tower_from_payload(payload), payload)
 
     @property
     def user_ids(self) -> np.ndarray:
@@ -89,19 +70,9 @@ class Recommender:
 
     def static_features(self, user: Any) -> UserFeatures:
         """Features of a user the model file does not hold (an ORM row or any object with the columns)."""
-        frame = pd.DataFrame(
-            [
-                {
-                    name: getattr(user, name)
-                    for name in ("gender", "country", "city", "exp_group", "os", "source", "age")
-                }
-            ]
-        )
-        frame["age_bucket"] = age_bucket(frame["age"])
-        categorical = np.stack([encode(frame[name], self.vocabs[name]) for name in USER_CATEGORICALS], axis=1)
-        mean, std = self.age_scaler
-        numeric = ((frame["age"].to_numpy(dtype=np.float32) - mean) / std)[:, None].astype(np.float32)
-        return UserFeatures(np.array([-1]), categorical, numeric)
+        columns = ("user_id", "gender", "country", "city", "exp_group", "os", "source", "age")
+        frame = pd.DataFrame([{name: getattr(user, name) for name in columns}])
+        return user_features(frame, self.vocabs, self.age_scaler)
 
     def scores(self, user_row: int, time: int, *, users: UserFeatures | None = None) -> torch.Tensor:
         """Like logits of every post for one user at `time` (history strictly before it)."""
@@ -145,19 +116,6 @@ class Recommender:
         parts = [self.post_json[row] for row in rows]
         return None if any(part is None for part in parts) else b"[" + b",".join(parts) + b"]"
 
-    def user_embeddings_at_end(self, *, chunk: int = 4096) -> np.ndarray:
-        """Every known user's embedding at the snapshot's end (for export)."""
-        rows = np.arange(len(self.users.user_ids))
-        out = []
-        state = self.state
-        for start in range(0, len(rows), chunk):
-            part = rows[start : start + chunk]
-            times = np.full(len(part), state.watermark, dtype=np.int64)
-            batch = make_user_batch(self.users, state.histories, part, times, self.model.config)
-            with torch.inference_mode():
-                out.append(self.model.users(batch, self.item_matrix[batch.hist_post]).numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.item_matrix.shape[1]), np.float32)
-
     def refresh(self, new_rows: pd.DataFrame) -> int:
         """Merge feed rows (timestamp >= watermark) into the histories; returns how many were new.
 
@@ -196,7 +154,7 @@ def _tensors(batch: UserBatch) -> tuple[torch.Tensor, ...]:
 def _trace_user_vector(
     model: TwoTower, item_matrix: torch.Tensor, users: UserFeatures, histories: Histories
 ) -> torch.nn.Module:
-    """The user tower as a frozen TorchScript graph for one (user, time): ~0.2 ms less Python per request.
+    """The user tower as a frozen TorchScript graph for one (user, time): less Python per request.
 
     Traced for batches of one, the only size scores() sends; the weights are constants of the graph. If
     tracing fails (an unusual torch build), the eager module serves: same numbers, a little slower.
@@ -215,10 +173,6 @@ def _trace_user_vector(
     except Exception:  # tracing is an optimisation only
         return eager
     return traced
-
-
-def parse_time(value: str) -> int:
-    return int(to_seconds(np.array([np.datetime64(datetime.strptime(value, "%Y-%m-%d %H:%M:%S"))]))[0])
 
 
 _EMPTY_HISTORY = Histories(*(np.zeros(n, dtype) for n, dtype in ((2, np.int64), *[(0, np.int64)] * 5)))

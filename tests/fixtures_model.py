@@ -54,7 +54,7 @@ def demo_tables(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame, pd.Data
     """(users, posts, feed) of the demo database, read once."""
     key = settings.model_path.parent
     if key not in _tables:
-        engine = database.make_engine(settings.database_url)
+        engine = database.make_engine(settings.db_url)
         try:
             _tables[key] = tuple(get_features_table.read_table(engine, t) for t in get_features_table.TABLES)
         finally:

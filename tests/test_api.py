@@ -130,3 +130,49 @@ def test_openapi_describes_every_endpoint(client):
     for path in ["/user/{id}", "/post/{id}", "/user/{id}/feed", "/post/{id}/feed", "/health"]:
         operation = spec["paths"][path]["get"]
         assert operation.get("description") or operation.get("summary"), path
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/user/200",
+        "/post/2",
+        "/user/200/feed?limit=2",
+        "/post/1/feed?limit=2",
+        "/health",
+        "/health/live",
+    ],
+)
+def test_every_path_answers_with_and_without_the_trailing_slash(client, path):
+    route, _, query = path.partition("?")
+    plain = client.get(path, follow_redirects=False)
+    slashed = client.get(f"{route}/" + (f"?{query}" if query else ""), follow_redirects=False)
+    assert plain.status_code == slashed.status_code == 200, (plain.status_code, slashed.status_code)
+    assert plain.json() == slashed.json()
+
+
+def test_recommendations_without_the_slash_is_not_taken_for_a_post_id(client):
+    response = client.get("/post/recommendations?id=200&time=2021-12-01 12:00:00", follow_redirects=False)
+    assert response.status_code == 503, response.text  # this app has no model: the recommendation route
+    assert "no model loaded" in response.json()["detail"]
+
+
+class NoDatabase:
+    """An engine stand-in that fails every use but the shutdown's dispose()."""
+
+    def dispose(self) -> None:
+        pass
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the endpoint used the database ({name})")
+
+
+def test_liveness_touches_neither_database_nor_model(client):
+    app = client.app
+    engine, recommender = app.state.engine, app.state.recommender
+    app.state.engine, app.state.recommender = NoDatabase(), NoDatabase()
+    try:
+        assert client.get("/health/live").json() == {"status": "alive"}
+        assert client.get("/health").json()["database"] == "down", "the control: readiness asks it"
+    finally:
+        app.state.engine, app.state.recommender = engine, recommender

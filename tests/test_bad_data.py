@@ -25,9 +25,8 @@ import database
 import get_features_table as gft
 import main_script
 from app import create_app
-from features import UNKNOWN, USER_CATEGORICALS, encode
+from features import UNKNOWN, USER_CATEGORICALS, encode, parse_time
 from get_model import load_model_file
-from serving import parse_time
 from table_user import User
 
 ROOT = Path(__file__).resolve().parent.parent

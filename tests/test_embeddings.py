@@ -12,7 +12,8 @@ import torch
 from fixtures_text import build_tiny_roberta, realistic_texts
 
 import get_post_embeddings as gpe
-from learn_model import Autoencoder, train_autoencoder
+from learn_model import train_autoencoder
+from model import Autoencoder
 
 TEXTS = [
     "A short one.",
@@ -200,22 +201,22 @@ def low_rank_data(n: int = 600, dim: int = 384, rank: int = 12, seed: int = 0) -
 
 def test_autoencoder_learns_and_is_deterministic() -> None:
     data = low_rank_data()
-    _, _, untrained_mse = train_autoencoder(data, epochs=0, progress=False)
-    model, codes, mse = train_autoencoder(data, epochs=30, progress=False)
+    _, _, untrained_mse = train_autoencoder(data, code_dim=128, epochs=0, progress=False)
+    model, codes, mse = train_autoencoder(data, code_dim=128, epochs=30, progress=False)
     assert isinstance(model, Autoencoder) and not model.training
     assert codes.shape == (600, 128) and codes.dtype == np.float32
     assert mse < 0.5 * untrained_mse and mse < 0.2, (
         f"reconstruction MSE {mse:.3f} vs untrained {untrained_mse:.3f}"
     )
 
-    _, codes_again, mse_again = train_autoencoder(data, epochs=30, progress=False)
+    _, codes_again, mse_again = train_autoencoder(data, code_dim=128, epochs=30, progress=False)
     np.testing.assert_array_equal(codes_again, codes)
     assert mse_again == mse
-    _, other_codes, _ = train_autoencoder(data, epochs=30, seed=1, progress=False)
+    _, other_codes, _ = train_autoencoder(data, code_dim=128, epochs=30, seed=1, progress=False)
     assert not np.allclose(other_codes, codes)
 
-    # The scaling lives in the module, so compress() takes raw embeddings and gives the same codes.
-    np.testing.assert_allclose(gpe.compress(data, model, batch_size=100), codes, atol=1e-6)
+    # The scaling lives in the module, so a restored one encodes raw embeddings into the same codes.
     restored = Autoencoder(384, hidden_dim=256, code_dim=128)
     restored.load_state_dict(model.state_dict())
-    np.testing.assert_allclose(gpe.compress(data, restored), codes, atol=1e-6)
+    with torch.inference_mode():
+        np.testing.assert_allclose(restored.encode(torch.from_numpy(data)).numpy(), codes, atol=1e-6)

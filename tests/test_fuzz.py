@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import collections
 import os
+import subprocess
+import sys
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import pytest
 import schemathesis
+from conftest import ROOT
 from fastapi.testclient import TestClient
-from fixtures_model import demo_tables, trained_demo
+from fixtures_model import demo_tables, free_port, trained_demo
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -142,6 +147,7 @@ def fuzz(api, demo, request):
 def test_every_endpoint_is_fuzzed():
     assert {f"{method} {path}" for path, method in OPERATIONS} == {
         "GET /health",
+        "GET /health/live",
         "GET /user/{id}",
         "GET /post/{id}",
         "GET /user/{id}/feed",
@@ -194,3 +200,39 @@ def test_bad_time_422_matches_the_documented_422(api):
     assert documented["properties"]["detail"]["type"] == "array" and isinstance(detail, list), (
         f"documented detail: {documented['properties']['detail']}, sent: {detail!r}"
     )
+
+
+def test_schemathesis_cli_passes_every_check_against_a_running_service(demo, tmp_path):
+    """What `make fuzz` runs against `make run`: the Schemathesis CLI, over real HTTP, every check.
+
+    A schema-valid request that the service rejects (ST202), a response off its schema, a server error
+    or an operation Schemathesis cannot generate data for all fail the run.
+    """
+    port = free_port()
+    env = os.environ | {"DATABASE_URL": demo.db_url, "MODEL_PATH": str(demo.model_path)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health/live", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the service did not start"
+                time.sleep(0.2)
+        command = [
+            *(sys.executable, "-m", "schemathesis.cli", "run", f"http://127.0.0.1:{port}/openapi.json"),
+            *("--checks", "all", "--phases", "examples,coverage,fuzzing"),
+            *("--max-examples", "40", "--seed", "1", "--no-color"),
+        ]
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    report = done.stdout[-4000:] + done.stderr[-2000:]
+    assert done.returncode == 0, report
+    assert " passed" in done.stdout and "failed" not in done.stdout.lower(), report

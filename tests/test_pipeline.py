@@ -15,8 +15,8 @@ from conftest import ROOT, tiny_settings
 import main_script
 from evaluate import METRIC_KEYS
 from get_model import FORMAT, load_model_file
-from learn_model import TwoTower, TwoTowerConfig, sampled_softmax_loss
-from serving import Recommender
+from learn_model import sampled_softmax_loss
+from model import TwoTower, TwoTowerConfig, two_tower_from_payload
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -84,7 +84,7 @@ def test_trained_model_beats_random(tiny_model):
 
 def test_evaluate_cli_prints_one_json_object(tiny_model):
     env = os.environ | {
-        "DATABASE_URL": tiny_model.database_url,
+        "DATABASE_URL": tiny_model.db_url,
         "MODEL_PATH": str(tiny_model.model_path),
         "GROUND_TRUTH_PATH": str(tiny_model.ground_truth_path),
         "EMBED_CACHE_DIR": str(tiny_model.embed_cache_dir),
@@ -103,8 +103,10 @@ def test_export_embeddings(tiny_model, tmp_path):
     posts = np.loadtxt(paths["posts"], delimiter=",", skiprows=1)
     users = np.loadtxt(paths["users"], delimiter=",", skiprows=1)
     assert posts.shape[1] == users.shape[1] == 65  # id + 64-D
-    recommender = Recommender.from_payload(load_model_file(tiny_model.model_path))
-    assert np.allclose(posts[:, 1:], recommender.item_matrix.numpy(), atol=1e-5)
+    model = two_tower_from_payload(load_model_file(tiny_model.model_path))
+    with torch.inference_mode():
+        assert np.allclose(posts[:, 1:], model.item_embeddings().numpy(), atol=1e-5)
+    assert len(users) == len(load_model_file(tiny_model.model_path)["serving"]["user_ids"])
 
 
 @pytest.mark.parametrize("objective", ["bce", "softmax"])
@@ -132,9 +134,11 @@ def test_tiny_roberta_encoder_path(tmp_path, tiny_model, tiny_encoder):
 
 
 def test_softmax_masks_accidental_hits():
-    config = TwoTowerConfig(n_posts=5, n_topics=2, user_cardinalities=[2] * 7, use_history=False)
+    config = TwoTowerConfig(
+        n_posts=5, n_topics=2, user_cardinalities=[2] * 7, text_dim=8, max_history=4, use_history=False
+    )
     model = TwoTower(config).eval()
-    from learn_model import UserBatch
+    from model import UserBatch
 
     batch = UserBatch(
         torch.zeros(4, 7, dtype=torch.long),
@@ -159,7 +163,7 @@ def test_softmax_masks_accidental_hits():
 
 def test_demo_data_if_missing_keeps_existing_tables(tiny_model, capsys):
     settings_env = os.environ | {
-        "DATABASE_URL": tiny_model.database_url,
+        "DATABASE_URL": tiny_model.db_url,
         "GROUND_TRUTH_PATH": str(tiny_model.ground_truth_path),
     }
     done = run_cli("demo-data", "--if-missing", env=settings_env, timeout=120)
@@ -177,8 +181,8 @@ def test_empty_database_is_a_clear_error(tmp_path):
     settings = tiny_settings(tmp_path)
     import database
 
-    engine = database.make_engine(settings.database_url)
-    database.create_tables(engine)
+    engine = database.make_engine(settings.db_url)
+    database.Base.metadata.create_all(engine)
     with pytest.raises(main_script.NoDataError, match="empty"):
         main_script.load_tables(settings)
 
@@ -197,10 +201,17 @@ def test_training_on_a_new_database_says_what_to_run(tmp_path):
 
 
 def test_joint_loss_is_bce_plus_a_softmax_over_the_liked_views():
-    from learn_model import UserBatch, bce_loss, joint_loss
+    from learn_model import bce_loss, joint_loss
+    from model import UserBatch
 
     config = TwoTowerConfig(
-        n_posts=6, n_topics=2, user_cardinalities=[2] * 7, use_history=False, exposure_head=True
+        n_posts=6,
+        n_topics=2,
+        user_cardinalities=[2] * 7,
+        text_dim=8,
+        max_history=4,
+        use_history=False,
+        exposure_head=True,
     )
     model = TwoTower(config).eval()
     torch.manual_seed(0)
@@ -227,7 +238,7 @@ def test_joint_loss_is_bce_plus_a_softmax_over_the_liked_views():
 
 def test_history_encoder_layer_computes_the_torch_transformer_layer():
     """The hand-written layer computes nn.TransformerEncoderLayer(norm_first, relu, no dropout)."""
-    from learn_model import HistoryEncoderLayer
+    from model import HistoryEncoderLayer
 
     torch.manual_seed(0)
     ours = HistoryEncoderLayer(16, 2, 32).eval()

@@ -5,6 +5,7 @@ Parity with the offline model, exclusions, validation, the no-history path and t
 
 from __future__ import annotations
 
+import re
 import time as clock
 from datetime import datetime
 
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import append_feed
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
@@ -19,10 +21,9 @@ import database
 import get_features_table
 import main_script
 from app import MAX_LIMIT, create_app, refresh_once
-from features import build_user_histories, to_seconds, user_features
+from features import TIME_PATTERN, TIME_RANGE, build_user_histories, parse_time, to_seconds, user_features
 from get_model import load_model_file
-from learn_model import TwoTower, TwoTowerConfig, make_user_batch
-from serving import parse_time
+from model import TwoTower, TwoTowerConfig, make_user_batch
 from table_user import User
 
 URL = "/post/recommendations/"
@@ -119,6 +120,15 @@ def test_posts_liked_before_time_are_excluded(served, tiny_tables):
     assert early & (liked | liked_later) or len(liked | liked_later) < 3, "exclusions must depend on time"
 
 
+def test_the_seed_url_forms_answer_directly(served, tiny_tables):
+    client, _ = served
+    query = f"id={active_users(tiny_tables[2], 1)[0]}&time=2021-12-20 12:00:00&limit=3"
+    with_slash = client.get(f"/post/recommendations/?{query}", follow_redirects=False)
+    without = client.get(f"/post/recommendations?{query}", follow_redirects=False)
+    assert with_slash.status_code == without.status_code == 200, without.text
+    assert with_slash.json() == without.json() and len(without.json()) == 3
+
+
 def test_ranking_is_deterministic(served, tiny_tables):
     client, _ = served
     params = {"id": active_users(tiny_tables[2], 1)[0], "time": "2021-12-20 12:00:00", "limit": 50}
@@ -129,6 +139,10 @@ def test_ranking_is_deterministic(served, tiny_tables):
     ("params", "fragment"),
     [
         ({"id": 200, "time": "2021-12-20"}, "time must look like"),
+        ({"id": 200, "time": "1000-01-01 00:00:00"}, "1678-01-01 00:00:00..2261-12-31 23:59:59"),
+        ({"id": 200, "time": "9999-12-31 23:59:59"}, "1678-01-01 00:00:00..2261-12-31 23:59:59"),
+        ({"id": 200, "time": "2021-02-29 12:00:00"}, "time must look like"),
+        ({"id": 200, "time": "2021-1-5 1:02:03"}, "time must look like"),
         ({"id": 200, "time": "20/12/2021 10:00:00"}, "time must look like"),
         ({"id": 200}, "time"),
         ({"id": 200, "time": "2021-12-20 12:00:00", "limit": 0}, "limit"),
@@ -188,9 +202,7 @@ def test_new_like_is_excluded_after_refresh(served, db_url, tiny_tables):
             "target": [1, 0],
         }
     )
-    engine = database.make_engine(db_url)
-    get_features_table.append_feed(engine, like)
-    engine.dispose()
+    append_feed(db_url, like)
     assert client.get(URL, params=params).json()[0]["id"] == top, "not merged before the refresh"
     assert refresh_once(app) == 2
     assert refresh_once(app) == 0, "a second refresh must not merge the same rows again"
@@ -221,7 +233,7 @@ def test_background_refresh_runs_without_restart(tiny_model, tiny_tables, tmp_pa
                 "target": [0],
             }
         )
-        get_features_table.append_feed(engine, like)
+        append_feed(url, like)
         deadline = clock.monotonic() + 10
         while clock.monotonic() < deadline:
             if top not in [item["id"] for item in client.get(URL, params=params).json()]:
@@ -234,5 +246,29 @@ def test_background_refresh_runs_without_restart(tiny_model, tiny_tables, tmp_pa
 
 def test_parse_time_is_utc_seconds():
     assert parse_time("2021-10-01 00:00:00") == int(to_seconds(pd.Series([datetime(2021, 10, 1)]))[0])
-    with pytest.raises(ValueError):
-        parse_time("2021-10-01")
+    epoch = datetime(1970, 1, 1)
+    for first_or_last in TIME_RANGE:  # exact at both ends: no wrap-around through nanoseconds
+        expected = (datetime.strptime(first_or_last, "%Y-%m-%d %H:%M:%S") - epoch).total_seconds()
+        assert parse_time(first_or_last) == int(expected)
+    for bad in ("2021-10-01", "1000-01-01 00:00:00", "9999-12-31 23:59:59", "2021-10-01 24:00:00"):
+        with pytest.raises(ValueError, match="between 1678-01-01 00:00:00 and 2261-12-31 23:59:59"):
+            parse_time(bad)
+
+
+def test_the_time_pattern_accepts_exactly_what_parse_time_accepts():
+    """The OpenAPI `pattern` of `time` (what generated clients send) against every day of the range."""
+    pattern = re.compile(TIME_PATTERN)
+    first, last = (int(t[:4]) for t in TIME_RANGE)
+    for year in range(first - 1, last + 2):
+        for month in range(0, 14):
+            for day in range(0, 33):
+                text = f"{year:04d}-{month:02d}-{day:02d} 12:34:56"
+                try:
+                    exists = first <= datetime(year, month, day).year <= last
+                except ValueError:
+                    exists = False
+                assert bool(pattern.fullmatch(text)) == exists, text
+    for hms in ("00:00:00", "23:59:59", "24:00:00", "12:60:00", "12:00:60", "7:00:00"):
+        valid = hms[:2] != "24" and "60" not in hms and len(hms) == 8
+        assert bool(pattern.fullmatch(f"2021-06-15 {hms}")) == valid, hms
+    assert not pattern.fullmatch("0000-01-01 00:00:00") and not pattern.fullmatch("2021-06-15T12:00:00")
