@@ -2,8 +2,9 @@
 
 `uvicorn app:app` serves with settings from the environment / `.env`; tests build their own app with
 `create_app(Settings(...))`. The lifespan opens the database engine once and, when the model file
-exists, loads the recommender (model, item matrix, user histories) once; requests only read memory
-and, for the table endpoints, the database. Three routers: health, recommendations, tables. Every
+exists, loads the recommender (model, item matrix, user histories) once and follows the tables every
+REFRESH_SECONDS in a worker thread (refresh.py); requests only read memory and, for the table endpoints,
+the database. Three routers: health, recommendations, tables. Every
 route answers with and without a trailing slash (the seed writes `/user/{id}/feed/?limit=`); the
 schema lists one form.
 """
@@ -14,25 +15,25 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
-import pandas as pd
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import select, text
+from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import database
+import get_features_table
 from database import Base, SessionDep
 from features import TIME_HINT, TIME_PATTERN, TIME_RANGE, parse_time
 from get_model import ModelFileError, load_model_file, resolve_model_file
+from refresh import CycleReport, TableFollower
 from schema import ErrorGet, FeedGet, HealthGet, LiveGet, PostGet, UserGet
-from serving import Recommender
+from serving import Changes, Recommender, ServingState
 from settings import Settings
 from table_feed import Feed
 from table_post import Post
@@ -71,10 +72,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = current = settings or Settings()
         app.state.engine = database.make_engine(current.db_url)
         app.state.session_factory = database.session_factory(app.state.engine)
-        app.state.recommender = load_recommender(current)
-        if app.state.recommender:
+        app.state.recommender = recommender = load_recommender(current)
+        refresher = None
+        if recommender:
+            app.state.follower = TableFollower(
+                app.state.engine, recommender, lookback_seconds=current.refresh_lookback_seconds
+            )
             await asyncio.to_thread(load_posts, app)
-        refresher = asyncio.create_task(refresh_forever(app)) if app.state.recommender else None
+            refresher = asyncio.create_task(refresh_forever(app))
         try:
             yield
         finally:
@@ -132,7 +137,7 @@ def load_recommender(settings: Settings) -> Recommender | None:
         log.warning("%s; /post/recommendations answers 503 until a model file exists", exc)
         return None
     recommender = Recommender.from_payload(
-        load_model_file(path, sha256=sha256), threads=settings.torch_threads
+        load_model_file(path, sha256=sha256, mmap=True), threads=settings.torch_threads
     )
     log.info(
         "model %s loaded: %d users, %d posts", path, len(recommender.user_ids), len(recommender.post_ids)
@@ -141,44 +146,42 @@ def load_recommender(settings: Settings) -> Recommender | None:
 
 
 def load_posts(app: FastAPI) -> None:
-    """Post texts into the recommender's memory; with the database down they are fetched per request."""
+    """Post texts into the recommender's memory (so answers need no database), and which posts are live.
+    With the database down they are fetched per request, and the next refresh tries again."""
+    recommender: Recommender = app.state.recommender
     try:
+        posts = get_features_table.read_table(app.state.engine, "post_text_df")
         with app.state.engine.connect() as conn:
-            posts = pd.DataFrame(
-                conn.execute(select(Post.post_id, Post.text, Post.topic)).all(),
-                columns=["post_id", "text", "topic"],
-            )
-        missing = app.state.recommender.set_posts(posts)
-        if missing:
-            log.warning("%d posts of the model are not in post_text_df", missing)
+            if "ix_feed_data_timestamp" not in {ix["name"] for ix in inspect(conn).get_indexes("feed_data")}:
+                log.warning(
+                    "feed_data has no index on timestamp: each refresh scans the table. "
+                    "CREATE INDEX ix_feed_data_timestamp ON feed_data (timestamp)"
+                )
     except (OperationalError, DBAPIError) as exc:
         log.warning("could not read post_text_df at startup (%s)", exc.__class__.__name__)
+        return
+    state = recommender.apply(Changes(texts=posts, live_post_ids=posts["post_id"].to_numpy()))
+    gone = int((~state.live).sum())
+    if gone:
+        log.warning("%d posts of the model are not in post_text_df: they are not recommended", gone)
 
 
-def refresh_once(app: FastAPI) -> int:
-    """Merge feed rows written since the last refresh into the served histories and likes."""
-    recommender: Recommender = app.state.recommender
-    if not recommender.has_all_posts():  # the database was down at startup: try again
-        load_posts(app)
-    since = datetime.fromtimestamp(recommender.state.watermark, UTC).replace(tzinfo=None)
-    with app.state.engine.connect() as conn:
-        rows = conn.execute(
-            select(Feed.timestamp, Feed.user_id, Feed.post_id, Feed.action).where(Feed.timestamp >= since)
-        ).all()
-    frame = pd.DataFrame(rows, columns=["timestamp", "user_id", "post_id", "action"])
-    return recommender.refresh(frame) if len(frame) else 0
+def refresh_once(app: FastAPI) -> CycleReport:
+    """One refresh cycle: what changed in the tables reaches the recommender (refresh.TableFollower)."""
+    return app.state.follower.cycle()
 
 
 async def refresh_forever(app: FastAPI) -> None:
+    """A refresh now (rows committed since training), then every REFRESH_SECONDS (0: never)."""
     interval = app.state.settings.refresh_seconds
     while interval > 0:
-        await asyncio.sleep(interval)
         try:
-            added = await asyncio.to_thread(refresh_once, app)
-            if added:
-                log.info("refresh: %d new feed rows merged", added)
+            report = await asyncio.to_thread(refresh_once, app)
+            if report:
+                log.info("refresh: %s", report)
         except Exception as exc:  # a failed refresh must not stop the service; the next one retries
-            log.warning("refresh failed (%s); serving the previous histories", exc.__class__.__name__)
+            log.warning("refresh failed (%s); serving the previous state", exc.__class__.__name__)
+        await asyncio.sleep(interval)
 
 
 async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
@@ -289,34 +292,36 @@ async def recommend(request: Request, id: UserQuery, time: TimeQuery, limit: Rec
         message = f"time must look like 2021-12-01 12:00:00 ({TIME_HINT}), {TIME_RANGE[0]}..{TIME_RANGE[1]}"
         error = {"type": "datetime_parsing", "loc": ("query", "time"), "msg": message, "input": time}
         raise RequestValidationError([error]) from None
-    row = recommender.user_row(id)
+    state = recommender.state  # one state for the whole request, whatever a refresh swaps in meanwhile
+    row = state.user_row(id)
     if row >= 0:  # the usual path, memory only: inline, no worker-thread round trips
-        body = recommender.response_body(recommender.recommend(row, moment, limit))
+        body = state.response_body(recommender.recommend(state, row, moment, limit))
         if body is not None:  # pre-encoded PostGet JSON
             return Response(body, media_type="application/json")
-    # a user added after training, or post texts not in memory: the database, in a worker thread
-    return await run_in_threadpool(_recommend_from_database, request, recommender, id, moment, limit)
+    # a user added since the last refresh, or post texts not in memory: the database, in a worker thread
+    return await run_in_threadpool(_recommend_from_database, request, recommender, state, id, moment, limit)
 
 
 def _recommend_from_database(
-    request: Request, recommender: Recommender, id: int, moment: int, limit: int
+    request: Request, recommender: Recommender, state: ServingState, id: int, moment: int, limit: int
 ) -> Response | list[Post]:
     with request.app.state.session_factory() as session:
-        row = recommender.user_row(id)
+        row = state.user_row(id)
         if row >= 0:
-            post_rows = recommender.recommend(row, moment, limit)
-        else:  # a user added after training: static features, no history
-            user = get_or_404(session, User, id)
-            post_rows = recommender.recommend(0, moment, limit, users=recommender.static_features(user))
-        body = recommender.response_body(post_rows)
-        if body is None and not recommender.has_all_posts():  # the database was down at startup
+            post_rows = recommender.recommend(state, row, moment, limit)
+        else:  # in user_data since the last refresh: their merged feed rows, the same user tower
+            users, histories = recommender.newcomer(state, get_or_404(session, User, id))
+            post_rows = recommender.recommend(state, 0, moment, limit, users=users, histories=histories)
+        body = state.response_body(post_rows)
+        if body is None:  # texts not in memory (the database was down at startup): read them now
             load_posts(request.app)
-            body = recommender.response_body(post_rows)
+            body = request.app.state.recommender.state.response_body(post_rows)  # rows only ever append
         if body is not None:  # pre-encoded PostGet JSON, no database round trip
             return Response(body, media_type="application/json")
-        post_ids = recommender.post_ids[post_rows].tolist()
-        query = select(Post).where(Post.post_id.in_(post_ids))
-        found = {post.post_id: post for post in session.scalars(query)}
+        post_ids = state.post_ids[post_rows].tolist()
+        found = {
+            post.post_id: post for post in session.scalars(select(Post).where(Post.post_id.in_(post_ids)))
+        }
         return [found[pid] for pid in post_ids if pid in found]
 
 

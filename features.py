@@ -7,6 +7,8 @@ Times are int64 seconds since the Unix epoch everywhere below. Leakage rules, ea
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,6 +43,7 @@ POST_STAT_NAMES = (
     "log_views_per_day_7d",
     "log_likes_per_day_7d",
 )
+DAY_SECONDS = 86_400
 RECENT_DAYS = 7  # the recent window of the post statistics: exposure drifts over weeks
 LIKE_RATE_PRIOR_VIEWS = 20.0  # shrink the like rate of rarely seen posts / users towards a prior rate
 PRIOR_LIKE_RATE = 0.12  # a typical share of liked views, the prior of a user's like rate
@@ -66,6 +69,21 @@ def parse_time(value: str) -> int:
 def format_time(seconds: int) -> str:
     """int64 seconds since the epoch -> 'YYYY-mm-dd HH:MM:SS'."""
     return (_EPOCH + timedelta(seconds=int(seconds))).strftime(TIME_FORMAT)
+
+
+def clean_text(text: object) -> str:
+    """None and NaN (a missing value in pandas) become "", so they embed as an empty text; else str()."""
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        return ""
+    return str(text)
+
+
+def text_key(text: str) -> str:
+    """Hex SHA-256 of the text: the cache key, so an edited post text is embedded again.
+
+    Hex, not the raw digest: numpy's fixed-width bytes drop trailing NUL bytes, which would lose keys.
+    """
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
 def time_features(seconds: np.ndarray) -> np.ndarray:
@@ -146,40 +164,72 @@ def lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- posts
 
 
-def post_statistics(
-    feed: pd.DataFrame, post_ids: np.ndarray, *, cutoff: int, window_days: float | None = None
+def post_stats_from_counts(
+    n_views: np.ndarray,
+    n_likes: np.ndarray,
+    recent_views: np.ndarray,
+    recent_likes: np.ndarray,
+    *,
+    window_days: float,
 ) -> np.ndarray:
-    """[n_posts, 5] float32 (POST_STAT_NAMES) from feed events strictly before `cutoff` only.
+    """[n_posts, 5] float32 (POST_STAT_NAMES) from each post's view and like counts: over the whole
+    window (window_days long) and over its last RECENT_DAYS (a post's current exposure).
 
-    Counts are per day of the window, so statistics from windows of different lengths are comparable;
-    the last two cover only the RECENT_DAYS before the cutoff (a post's current exposure).
+    Counts become rates per day, so statistics from windows of different lengths are comparable; the
+    like rate is shrunk towards the window's overall rate. A post never seen has zero counts.
     """
-    seconds = to_seconds(feed["timestamp"])
-    before = seconds < cutoff
-    if window_days is None:
-        first = seconds[before].min() if before.any() else cutoff
-        window_days = max((cutoff - first) / 86400.0, 1.0)
-    views = feed["action"].to_numpy() == "view"
-    index = lookup(post_ids, feed["post_id"].to_numpy())
-    known = before & (index >= 0)
-    n_views = np.bincount(index[known & views], minlength=len(post_ids)).astype(np.float64)
-    n_likes = np.bincount(index[known & ~views], minlength=len(post_ids)).astype(np.float64)
+    n_views, n_likes = np.asarray(n_views, np.float64), np.asarray(n_likes, np.float64)
     global_rate = n_likes.sum() / max(n_views.sum(), 1.0)
     like_rate = (n_likes + LIKE_RATE_PRIOR_VIEWS * global_rate) / (n_views + LIKE_RATE_PRIOR_VIEWS)
-    recent = known & (seconds >= cutoff - RECENT_DAYS * 86400)
-    recent_views = np.bincount(index[recent & views], minlength=len(post_ids)) / RECENT_DAYS
-    recent_likes = np.bincount(index[recent & ~views], minlength=len(post_ids)) / RECENT_DAYS
     stats = np.stack(
         [
             np.log1p(n_views / window_days),
             np.log1p(n_likes / window_days),
             like_rate,
-            np.log1p(recent_views),
-            np.log1p(recent_likes),
+            np.log1p(np.asarray(recent_views, np.float64) / RECENT_DAYS),
+            np.log1p(np.asarray(recent_likes, np.float64) / RECENT_DAYS),
         ],
         axis=1,
     )
     return stats.astype(np.float32)
+
+
+def post_counts(
+    post_rows: np.ndarray, is_like: np.ndarray, seconds: np.ndarray, n_posts: int, *, cutoff: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(views, likes, recent views, recent likes) per post row from events strictly before `cutoff`;
+    recent = the RECENT_DAYS before it. Rows < 0 (unknown posts) are ignored."""
+    before = (seconds < cutoff) & (post_rows >= 0)
+    recent = before & (seconds >= cutoff - RECENT_DAYS * 86400)
+    return tuple(  # type: ignore[return-value]
+        np.bincount(post_rows[window & like_or_not], minlength=n_posts)
+        for window in (before, recent)
+        for like_or_not in (~is_like, is_like)
+    )
+
+
+def window_days(first: int, cutoff: int) -> float:
+    """The length of the statistics' window in days (at least one)."""
+    return max((cutoff - first) / 86400.0, 1.0)
+
+
+def post_statistics(
+    feed: pd.DataFrame, post_ids: np.ndarray, *, cutoff: int, first: int | None = None
+) -> np.ndarray:
+    """[n_posts, 5] float32 (POST_STAT_NAMES) from the feed's events strictly before `cutoff` only; the
+    window starts at `first` (default: the first event)."""
+    seconds = to_seconds(feed["timestamp"])
+    before = seconds < cutoff
+    if first is None:
+        first = int(seconds[before].min()) if before.any() else cutoff
+    counts = post_counts(
+        lookup(post_ids, feed["post_id"].to_numpy()),
+        feed["action"].to_numpy() == "like",
+        seconds,
+        len(post_ids),
+        cutoff=cutoff,
+    )
+    return post_stats_from_counts(*counts, window_days=window_days(first, cutoff))
 
 
 def fit_scaler(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -217,6 +267,19 @@ class Histories:
     def n_users(self) -> int:
         return len(self.user_ptr) - 1
 
+    @classmethod
+    def empty(cls, n_users: int) -> Histories:
+        """No events for n_users users (and no likes)."""
+        histories = cls(
+            np.zeros(n_users + 1, np.int64),
+            *(np.zeros(0, t) for t in (np.int64, np.int32)),
+            np.zeros(0, np.int8),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.int32),
+        )
+        histories.likes = cls(*(getattr(histories, name) for name in cls.ARRAYS))
+        return histories
+
     def owner(self) -> np.ndarray:
         """The user row of every event."""
         return np.repeat(np.arange(self.n_users), np.diff(self.user_ptr))
@@ -252,18 +315,28 @@ class Histories:
         """
         user_rows = np.asarray(user_rows, dtype=np.int64)
         times = np.asarray(times, dtype=np.int64)
+        return _window(times, *self.last_events(user_rows, times, max_history))
+
+    def last_events(
+        self, user_rows: np.ndarray, times: np.ndarray, k: int, *, valid: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(times, post rows, actions, mask), each [n, k]: the last k events strictly before each time,
+        oldest first, right-aligned; masked slots hold zeros. Rows where `valid` is False get none."""
         end = self.last_before(user_rows, times)
-        index = end[:, None] - max_history + np.arange(max_history)[None, :]
+        index = end[:, None] - k + np.arange(k)[None, :]
         mask = index >= self.user_ptr[user_rows][:, None]
+        if valid is not None:
+            mask &= valid[:, None]
         if self.n_events == 0:
             zeros = np.zeros(mask.shape, dtype=np.int64)
             return zeros, zeros, zeros, mask
         safe = np.where(mask, index, 0)
-        posts = np.where(mask, self.ev_post[safe], 0).astype(np.int64)
-        actions = np.where(mask, self.ev_action[safe], 0).astype(np.int64)
-        age = times[:, None] - self.ev_time[safe]
-        recency = np.where(mask, np.searchsorted(RECENCY_BUCKETS, age, side="right"), 0).astype(np.int64)
-        return posts, actions, recency, mask
+        return (
+            np.where(mask, self.ev_time[safe], 0),
+            np.where(mask, self.ev_post[safe], 0).astype(np.int64),
+            np.where(mask, self.ev_action[safe], 0).astype(np.int64),
+            mask,
+        )
 
     def counts_before(self, user_rows: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(events, likes) each user had strictly before each time, over the whole history."""
@@ -313,56 +386,81 @@ class Histories:
             self.likes,
         )
 
-    def merge(self, new: Histories) -> Histories:
-        """These events followed by `new` ones, with the whole-history counts continued.
 
-        New events usually come after each user's last one (the service's refresh): then every event
-        moves by a computed offset, O(n) with no sort. Late rows older than a user's last event fall back
-        to a full sort so that each user's events stay in time order.
-        """
-        old_owner, new_owner = self.owner(), new.owner()
-        old_counts, new_counts = np.diff(self.user_ptr), np.diff(new.user_ptr)
-        has_old = old_counts > 0
-        last = np.maximum(self.user_ptr[1:] - 1, 0)
-        seen_before = np.where(has_old, self.ev_seen[last], 0) if self.n_events else np.zeros_like(old_counts)
-        liked_before = (
-            np.where(has_old, self.ev_liked[last], 0) if self.n_events else np.zeros_like(old_counts)
+def _window(
+    times: np.ndarray, ev_time: np.ndarray, posts: np.ndarray, actions: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(posts, actions, recency buckets, mask) of last_events' output, the user tower's history inputs."""
+    age = times[:, None] - ev_time
+    recency = np.where(mask, np.searchsorted(RECENCY_BUCKETS, age, side="right"), 0).astype(np.int64)
+    return posts, actions, recency, mask
+
+
+class LayeredHistories:
+    """A snapshot's Histories and a delta's, read as one (the serving state: the model file's events, and
+    the feed rows merged since). The delta may have more users (users added after training) and events
+    older than the snapshot's last ones (late rows); at equal times snapshot events come first, like
+    after view. Offers what make_user_batch and the exclusions read: window, counts_before,
+    posts_before, likes.
+    """
+
+    def __init__(self, base: Histories, delta: Histories) -> None:
+        assert delta.n_users >= base.n_users, "the delta covers every user of the snapshot"
+        self.base, self.delta = base, delta
+        both = base.likes is not None and delta.likes is not None
+        self.likes = LayeredHistories(base.likes, delta.likes) if both else None
+
+    @property
+    def n_users(self) -> int:
+        return self.delta.n_users
+
+    def _in_base(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        inside = user_rows < self.base.n_users
+        return np.where(inside, user_rows, 0), inside
+
+    def window(
+        self, user_rows: np.ndarray, times: np.ndarray, max_history: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Histories.window over both layers."""
+        user_rows = np.asarray(user_rows, dtype=np.int64)
+        times = np.asarray(times, dtype=np.int64)
+        base_rows, inside = self._in_base(user_rows)
+        base = self.base.last_events(base_rows, times, max_history, valid=inside)
+        delta = self.delta.last_events(user_rows, times, max_history)
+        if not delta[3].any():  # the usual case: nothing merged since the snapshot for these users
+            return _window(times, *base)
+        ev_time, posts, actions, mask = (
+            np.concatenate(pair, axis=1) for pair in zip(base, delta, strict=True)
         )
-        new_seen = new.ev_seen + seen_before[new_owner]
-        new_liked = new.ev_liked + liked_before[new_owner]
-        last_time = np.where(has_old, self.ev_time[last], np.iinfo(np.int64).min) if self.n_events else None
-        in_order = last_time is None or not (new.ev_time < last_time[new_owner]).any()
-        if in_order:
-            ptr = np.concatenate([[0], np.cumsum(old_counts + new_counts)]).astype(np.int64)
-            old_pos = np.arange(self.n_events) + (ptr[:-1] - self.user_ptr[:-1])[old_owner]
-            new_pos = (
-                np.arange(new.n_events) - new.user_ptr[:-1][new_owner] + (ptr[:-1] + old_counts)[new_owner]
-            )
-            merged = []
-            for old_values, new_values in (
-                (self.ev_time, new.ev_time),
-                (self.ev_post, new.ev_post),
-                (self.ev_action, new.ev_action),
-                (self.ev_seen, new_seen),
-                (self.ev_liked, new_liked),
-            ):
-                out = np.empty(self.n_events + new.n_events, dtype=old_values.dtype)
-                out[old_pos], out[new_pos] = old_values, new_values
-                merged.append(out)
-            events = Histories(ptr, *merged)
-        else:
-            events = _from_arrays(
-                np.concatenate([old_owner, new_owner]),
-                np.concatenate([self.ev_time, new.ev_time]),
-                np.concatenate([self.ev_post, new.ev_post]),
-                np.concatenate([self.ev_action, new.ev_action]),
-                self.n_users,
-                seen=np.concatenate([self.ev_seen, new_seen]),
-                liked=np.concatenate([self.ev_liked, new_liked]),
-            )
-        if self.likes is not None and new.likes is not None:
-            events.likes = self.likes.merge(new.likes)
-        return events
+        layer = np.repeat([0, 1], max_history)[None, :]
+        key = np.where(mask, ev_time * 4 + actions * 2 + layer, np.iinfo(np.int64).min)
+        last = np.argsort(key, axis=1, kind="stable")[:, -max_history:]
+        picked = (np.take_along_axis(part, last, axis=1) for part in (ev_time, posts, actions, mask))
+        return _window(times, *picked)
+
+    def counts_before(self, user_rows: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        user_rows = np.asarray(user_rows, dtype=np.int64)
+        base_rows, inside = self._in_base(user_rows)
+        base_events, base_likes = self.base.counts_before(base_rows, times)
+        events, likes = self.delta.counts_before(user_rows, times)
+        return events + np.where(inside, base_events, 0), likes + np.where(inside, base_likes, 0)
+
+    def posts_before(self, user_row: int, time: int) -> np.ndarray:
+        delta = self.delta.posts_before(user_row, time)
+        if user_row >= self.base.n_users:
+            return delta
+        return np.concatenate([self.base.posts_before(user_row, time), delta])
+
+
+def histories_from_rows(
+    user_rows: np.ndarray, post_rows: np.ndarray, seconds: np.ndarray, is_like: np.ndarray, n_users: int
+) -> Histories:
+    """Histories (with `likes`) of events given as user rows, post rows, times and like flags."""
+    actions = np.where(is_like, ACTION_LIKE, ACTION_VIEW).astype(np.int8)
+    user_rows, seconds = np.asarray(user_rows, np.int64), np.asarray(seconds, np.int64)
+    histories = _from_arrays(user_rows, seconds, np.asarray(post_rows), actions, n_users)
+    histories.likes = histories.select(histories.ev_action == ACTION_LIKE)
+    return histories
 
 
 def _from_arrays(
@@ -407,12 +505,9 @@ def build_user_histories(feed: pd.DataFrame, user_ids: np.ndarray, post_ids: np.
     user_rows = lookup(user_ids, feed["user_id"].to_numpy())
     post_rows = lookup(post_ids, feed["post_id"].to_numpy())
     keep = (user_rows >= 0) & (post_rows >= 0)
-    actions = np.where(feed["action"].to_numpy()[keep] == "like", ACTION_LIKE, ACTION_VIEW).astype(np.int8)
-    histories = _from_arrays(
-        user_rows[keep], to_seconds(feed["timestamp"])[keep], post_rows[keep], actions, len(user_ids)
-    )
-    histories.likes = histories.select(histories.ev_action == ACTION_LIKE)
-    return histories
+    is_like = feed["action"].to_numpy()[keep] == "like"
+    seconds = to_seconds(feed["timestamp"])[keep]
+    return histories_from_rows(user_rows[keep], post_rows[keep], seconds, is_like, len(user_ids))
 
 
 # ----------------------------------------------------------------------------- the training set

@@ -403,7 +403,10 @@ def _postgres_chunks(
 
     The server formats and pandas parses at the same time, and the pipe bounds the memory.
     """
-    raw = engine.raw_connection()
+    try:
+        raw = engine.raw_connection()
+    except engine.dialect.loaded_dbapi.Error as exc:  # raw_connection does not wrap a failed connect
+        raise _as_sqlalchemy_error(exc, engine.dialect, "connect") from exc
     read_fd, write_fd = os.pipe()
     reader = os.fdopen(read_fd, "rb", buffering=COPY_BUFFER_BYTES)
     # A text file makes psycopg2 decode with the connection's encoding; the pipe then carries UTF-8.

@@ -2,8 +2,10 @@
 
 One format, `FORMAT`: a dict of tensors and plain containers (str, int, float, list, dict), so it
 loads with `torch.load(weights_only=True)` and can never execute code. It describes itself: the
-network config, vocabularies, scalers, post features, metrics, data window and text encoder travel
-with the weights, plus the serving snapshot (recent history and likes per user at training time).
+network config, vocabularies, scalers, post features, metrics, data window, the text encoder's name and
+the autoencoder (so posts that appear after training can be scored) travel with the weights, plus the
+serving snapshot (every user's events and likes up to the end of the training feed). The service loads
+it memory-mapped: the snapshot's arrays stay pages of the file that every worker process shares.
 """
 
 from __future__ import annotations
@@ -21,8 +23,18 @@ import torch
 
 from settings import Settings
 
-FORMAT = "post-recommender/3"
-REQUIRED_KEYS = ("format", "config", "state_dict", "vocabs", "post_ids", "metrics", "data_window", "serving")
+FORMAT = "post-recommender/4"
+REQUIRED_KEYS = (
+    "format",
+    "config",
+    "state_dict",
+    "autoencoder",
+    "vocabs",
+    "post_ids",
+    "metrics",
+    "data_window",
+    "serving",
+)
 CHUNK = 1 << 20
 
 
@@ -60,15 +72,18 @@ def save_model_file(payload: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def load_model_file(path: Path, *, sha256: str = "") -> dict[str, Any]:
-    """Load and check a model file; any problem raises ModelFileError with one clear message."""
+def load_model_file(path: Path, *, sha256: str = "", mmap: bool = False) -> dict[str, Any]:
+    """Load and check a model file; any problem raises ModelFileError with one clear message.
+
+    mmap=True maps the tensors from the file instead of reading them (the service: its large read-only
+    arrays are then shared by every process that maps the same file)."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file {path} not found: train one with `python main_script.py`")
     if sha256 and sha256_file(path) != sha256.lower():
         raise ModelFileError(f"model file {path} does not match MODEL_SHA256: refusing to load it")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise ModelFileError(
             f"model file {path} holds something other than tensors and plain data; refusing to load it "
@@ -91,20 +106,30 @@ def download(url: str, dest: Path, sha256: str, *, timeout: float = 60.0) -> Pat
     digest = hashlib.sha256()
     handle, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
+        received = 0
         with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            expected = int(response.headers.get("Content-Length") or -1)
             while block := response.read(CHUNK):
                 digest.update(block)
                 out.write(block)
+                received += len(block)
+        if expected >= 0 and received != expected:  # read(n) returns short, it does not raise
+            raise ModelFileError(
+                f"could not download the model file from {url}: the connection closed after {received:,} "
+                f"of {expected:,} bytes"
+            )
         if digest.hexdigest() != sha256.lower():
             raise ModelFileError(f"download from {url} has SHA-256 {digest.hexdigest()}, expected {sha256}")
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, dest)
-    except ModelFileError:
+    except BaseException as exc:  # whatever broke (HTTP, socket, disk, ^C): no partial file stays
         Path(tmp_name).unlink(missing_ok=True)
-        raise
-    except OSError as exc:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise ModelFileError(f"could not download the model file from {url}: {exc}") from exc
+        if isinstance(exc, ModelFileError) or not isinstance(exc, Exception):
+            raise
+        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ModelFileError(
+            f"could not download the model file from {url}: {exc.__class__.__name__} {reason}".rstrip()
+        ) from exc
     return dest
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import re
 import tempfile
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from features import clean_text, text_key
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,12 @@ def resolve_encoder(name: str = "") -> str:
     return name or default_encoder()
 
 
+def encoder_key(name: str, *, max_length: int) -> str:
+    """How the model file and the post_embedding table name an encoder: its name (relative to
+    site-packages, so the bundled MiniLM has one name on every machine) and the truncation length."""
+    return f"{resolve_encoder(name).rsplit('/site-packages/', 1)[-1]};max_length={max_length}"
+
+
 def load_encoder(name: str = "") -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """(tokenizer, model in eval mode, float32) for `name`; a clear error when it is not available offline."""
     resolved = resolve_encoder(name)
@@ -59,21 +66,6 @@ def load_encoder(name: str = "") -> tuple[PreTrainedTokenizerBase, PreTrainedMod
             f"for the bundled MiniLM. ({exc.__class__.__name__}: {exc})"
         ) from exc
     return tokenizer, model.eval()
-
-
-def clean_text(text: object) -> str:
-    """None and NaN (a missing value in pandas) become "", so they embed as an empty text; else str()."""
-    if text is None or (isinstance(text, float) and math.isnan(text)):
-        return ""
-    return str(text)
-
-
-def text_key(text: str) -> str:
-    """Hex SHA-256 of the text: the cache key, so an edited post text is embedded again.
-
-    Hex, not the raw digest: numpy's fixed-width bytes drop trailing NUL bytes, which would lose keys.
-    """
-    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -21,30 +21,36 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sqlalchemy import inspect, select
+from sqlalchemy import delete, insert, inspect, select
 
 import database
 import demo_data
 import get_features_table
 from evaluate import METRIC_KEYS, evaluate_model
 from features import (
+    ACTION_LIKE,
     POST_STAT_NAMES,
     USER_CATEGORICALS,
     Dataset,
     Histories,
     UserFeatures,
     build_dataset,
+    clean_text,
     format_time,
-    post_statistics,
+    post_counts,
+    post_stats_from_counts,
+    text_key,
     to_seconds,
+    window_days,
 )
 from get_features_table import TABLES
 from get_model import FORMAT, ModelFileError, get_model, load_model_file, save_model_file
-from get_post_embeddings import embed_posts, resolve_encoder
+from get_post_embeddings import embed_posts, encoder_key, resolve_encoder
 from learn_model import train_autoencoder, train_two_tower
-from model import TwoTower, TwoTowerConfig, make_user_batch, two_tower_from_payload
+from model import Autoencoder, TwoTower, TwoTowerConfig, make_user_batch, two_tower_from_payload
 from settings import OBJECTIVES, SCALE_NAMES, Settings, describe
 from table_feed import Feed
+from table_post_embedding import PostEmbedding
 
 log = logging.getLogger("pipeline")
 
@@ -144,6 +150,53 @@ def embed_stage(settings: Settings, posts: pd.DataFrame, *, progress: bool = Tru
     )
 
 
+def sync_post_embeddings(settings: Settings, *, progress: bool = True) -> int:
+    """Embed every post text of post_text_df that post_embedding lacks (for its current text and the
+    TEXT_ENCODER) and store the vectors; returns how many it wrote. This is how posts published after
+    training reach the service, which reads the vectors at its next refresh. Cached texts cost nothing."""
+    key = encoder_key(settings.text_encoder, max_length=settings.embed_max_length)
+    engine = database.make_engine(settings.db_url)
+    try:
+        PostEmbedding.__table__.create(engine, checkfirst=True)
+        posts = get_features_table.read_table(engine, "post_text_df", columns=["post_id", "text"])
+        with engine.connect() as conn:
+            stored = conn.execute(
+                select(PostEmbedding.post_id, PostEmbedding.text_sha256).where(PostEmbedding.encoder == key)
+            ).all()
+        posts["text_sha256"] = [text_key(clean_text(text)) for text in posts["text"]]
+        current = pd.DataFrame(stored, columns=["post_id", "text_sha256"]).astype({"post_id": "int64"})
+        todo = posts.merge(current, how="left", on=["post_id", "text_sha256"], indicator=True)
+        todo = todo[todo.pop("_merge") == "left_only"]
+        if todo.empty:
+            return 0
+        vectors = embed_posts(
+            todo["post_id"].to_numpy(),
+            todo["text"].tolist(),
+            encoder=settings.text_encoder,
+            cache_dir=settings.embed_cache_dir,
+            batch_size=settings.embed_batch_size,
+            max_length=settings.embed_max_length,
+            progress=progress,
+        )
+        rows = [
+            {
+                "post_id": int(pid),
+                "text_sha256": sha,
+                "encoder": key,
+                "vector": vector.astype("<f4").tobytes(),
+            }
+            for pid, sha, vector in zip(todo["post_id"], todo["text_sha256"], vectors, strict=True)
+        ]
+        with engine.begin() as conn:  # one transaction: the service sees all of them or none
+            for start in range(0, len(rows), 1000):
+                ids = [row["post_id"] for row in rows[start : start + 1000]]
+                conn.execute(delete(PostEmbedding).where(PostEmbedding.post_id.in_(ids)))
+            conn.execute(insert(PostEmbedding), rows)
+        return len(rows)
+    finally:
+        engine.dispose()
+
+
 def make_dataset(
     settings: Settings, users: pd.DataFrame, posts: pd.DataFrame, feed: pd.DataFrame, **fitted: Any
 ) -> Dataset:
@@ -207,7 +260,7 @@ def train_stage(
     seconds["embed"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    _autoencoder, codes, reconstruction = train_autoencoder(
+    autoencoder, codes, reconstruction = train_autoencoder(
         embeddings, code_dim=settings.text_dim, seed=settings.seed, progress=progress
     )
     seconds["autoencoder"] = time.perf_counter() - clock
@@ -246,7 +299,14 @@ def train_stage(
 
     train_size = len(data.train_likes) if settings.objective == "softmax" else len(data.train_views)
     payload = model_payload(
-        settings, model, data, feed, metrics=metrics, history=history, train_size=train_size
+        settings,
+        model,
+        autoencoder,
+        data,
+        feed,
+        metrics=metrics,
+        history=history,
+        train_size=train_size,
     )
     return TrainResult(model, data, metrics, history, payload, seconds)
 
@@ -254,6 +314,7 @@ def train_stage(
 def model_payload(
     settings: Settings,
     model: TwoTower,
+    autoencoder: Autoencoder,
     data: Dataset,
     feed: pd.DataFrame,
     *,
@@ -263,11 +324,20 @@ def model_payload(
 ) -> dict[str, Any]:
     """The model file's content. Post statistics and histories are refreshed to the end of the feed."""
     end = int(to_seconds(feed["timestamp"]).max()) + 1
-    serving_stats = post_statistics(feed, data.post_ids, cutoff=end)
+    histories = data.histories  # every event of the feed already, both sides of the cutoff
+    # The statistics at the end, from the histories: the service recomputes them the same way as the
+    # feed moves on (serving.post_statistics_at), so a refresh with no new rows changes nothing.
+    counts = post_counts(
+        histories.ev_post,
+        histories.ev_action == ACTION_LIKE,
+        histories.ev_time,
+        len(data.post_ids),
+        cutoff=end,
+    )
+    serving_stats = post_stats_from_counts(*counts, window_days=window_days(data.start, end))
     mean, std = data.stats_scaler
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["post_stats"] = torch.tensor((serving_stats - mean) / std)
-    histories = data.histories  # every event of the feed already, both sides of the cutoff
     return {
         "format": FORMAT,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -279,13 +349,22 @@ def model_payload(
         "post_stat_names": list(POST_STAT_NAMES),
         "post_ids": torch.tensor(data.post_ids),
         "text_encoder": resolve_encoder(settings.text_encoder).rsplit("/site-packages/", 1)[-1],
+        "encoder_key": encoder_key(settings.text_encoder, max_length=settings.embed_max_length),
+        "autoencoder": {
+            "in_dim": autoencoder.in_dim,
+            "hidden_dim": autoencoder.hidden_dim,
+            "code_dim": autoencoder.code_dim,
+            "state_dict": autoencoder.state_dict(),
+        },
         "objective": settings.objective,
         "train_size": train_size,
         "data_window": {name: format_time(getattr(data, name)) for name in ("start", "cutoff", "end")},
         "metrics": metrics,
         "history": history,
         "serving": {
+            "snapshot_start": data.start,
             "snapshot_end": end,
+            "feed_rows": len(feed),
             "user_ids": torch.tensor(data.users.user_ids),
             "user_categorical": torch.tensor(data.users.categorical),
             "user_numeric": torch.tensor(data.users.numeric),
@@ -348,7 +427,7 @@ def export_embeddings(settings: Settings, out_dir: Path) -> dict[str, Path]:
     """User embeddings (at the end of the model's data) and post embeddings of the model, as CSV."""
     payload = get_model(settings)
     model = two_tower_from_payload(payload)
-    serving = {name: value.numpy() for name, value in payload["serving"].items() if name != "snapshot_end"}
+    serving = {name: value.numpy() for name, value in payload["serving"].items() if torch.is_tensor(value)}
     users = UserFeatures(serving["user_ids"], serving["user_categorical"], serving["user_numeric"])
     histories = Histories.from_arrays(
         {k.removeprefix("history_"): v for k, v in serving.items() if k.startswith("history_")}
@@ -404,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     csv.add_argument("--feed", type=Path, required=True, help="feed_data CSV")
 
     commands.add_parser("embed", help="embed the post texts with TEXT_ENCODER (cached in EMBED_CACHE_DIR)")
+
+    sync = commands.add_parser(
+        "embed-posts",
+        help="store the embeddings of posts the post_embedding table lacks (new posts reach the service)",
+    )
+    sync.add_argument("--every", type=float, metavar="SECONDS", help="repeat every SECONDS until stopped")
 
     train = commands.add_parser("train", help="train and evaluate, then write MODEL_PATH atomically")
     train.add_argument("--objective", choices=OBJECTIVES, help="default: OBJECTIVE")
@@ -467,6 +552,13 @@ def main(argv: list[str] | None = None) -> int:
             posts = get_features_table.read_table(engine, "post_text_df")
             vectors = embed_stage(settings, posts, progress=progress)
             print(f"{len(vectors)} posts embedded: {vectors.shape[1]}-D, cache in {settings.embed_cache_dir}")
+        elif command == "embed-posts":
+            while True:
+                written = sync_post_embeddings(settings, progress=progress)
+                print(f"embed-posts: {written} post embeddings written", flush=True)
+                if not args.every:
+                    break
+                time.sleep(args.every)
         elif command in ("all", "train"):
             if command == "all" and getattr(args, "if_missing", False) and model_usable(settings):
                 print(f"model file {settings.model_path} present: skipping training")

@@ -7,8 +7,9 @@ score(user, post) = <UserTower(user, history before t), ItemTower(post)> + bias:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +25,8 @@ from features import (
     time_features,
 )
 from get_model import ModelFileError
+
+Module = TypeVar("Module", bound=nn.Module)
 
 # ----------------------------------------------------------------------------- config and inputs
 
@@ -271,10 +274,12 @@ class TwoTower(nn.Module):
     def exposure_scores(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The ranking's post-only term (log of how often the feed shows the post); zeros without the head."""
         rows = torch.arange(self.config.n_posts) if rows is None else rows
+        return self._exposure(self.post_topic[rows], self.post_stats[rows])
+
+    def _exposure(self, topic: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
         if not self.config.exposure_head:
-            return torch.zeros(len(rows))
-        inputs = torch.cat([self.exposure_topic(self.post_topic[rows]), self.post_stats[rows]], dim=-1)
-        return self.exposure(inputs).squeeze(-1)
+            return torch.zeros(len(topic))
+        return self.exposure(torch.cat([self.exposure_topic(topic), stats], dim=-1)).squeeze(-1)
 
     def ranking_item_matrix(self) -> torch.Tensor:
         """[n_posts, embed_dim + 1]: item embeddings with the exposure term as a last column.
@@ -282,7 +287,12 @@ class TwoTower(nn.Module):
         ranking score = ranking_item_matrix() @ ranking_user_vector(u) = <u, v> + exposure, so the
         recommendation stays one matrix-vector product.
         """
-        return torch.cat([self.item_embeddings(), self.exposure_scores()[:, None]], dim=1)
+        return self.ranking_rows(self.post_text, self.post_topic, self.post_stats)
+
+    def ranking_rows(self, text: torch.Tensor, topic: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+        """ranking_item_matrix() for any posts given by their features (text codes, topic, statistics):
+        how the service scores posts that appeared after training, and statistics that moved since."""
+        return torch.cat([self.items(text, topic, stats), self._exposure(topic, stats)[:, None]], dim=1)
 
     @staticmethod
     def ranking_user_vector(users: torch.Tensor) -> torch.Tensor:
@@ -317,14 +327,36 @@ class TwoTower(nn.Module):
 # ----------------------------------------------------------------------------- from the model file
 
 
+def autoencoder_from_payload(payload: dict[str, Any]) -> Autoencoder:
+    """The text autoencoder of a loaded model file, in eval mode: raw text embeddings -> the codes the
+    item tower reads (posts that appear after training go through it)."""
+
+    def build() -> Autoencoder:
+        saved = payload["autoencoder"]
+        model = Autoencoder(saved["in_dim"], hidden_dim=saved["hidden_dim"], code_dim=saved["code_dim"])
+        model.load_state_dict(saved["state_dict"])
+        return model
+
+    return _rebuilt(build).eval()
+
+
 def two_tower_from_payload(payload: dict[str, Any]) -> TwoTower:
     """The trained TwoTower of a loaded model file (get_model.load_model_file), in eval mode."""
-    try:
+
+    def build() -> TwoTower:
         model = TwoTower(TwoTowerConfig(**payload["config"]))
         model.load_state_dict(payload["state_dict"])
+        return model
+
+    return _rebuilt(build).eval()
+
+
+def _rebuilt(build: Callable[[], Module]) -> Module:
+    """build(), with a model file that does not fit this code reported as one ModelFileError."""
+    try:
+        return build()
     except (TypeError, RuntimeError, KeyError) as exc:
         raise ModelFileError(
             f"the model file does not fit this version of the code ({str(exc).splitlines()[0][:160]}): "
             "retrain it with `python main_script.py`"
         ) from exc
-    return model.eval()

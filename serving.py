@@ -1,10 +1,15 @@
-"""The recommendation path in memory: one user-tower pass and one product with the item matrix.
+"""The recommendation path in memory, and the live state it reads.
 
-Built once from the model file (app lifespan). Per request: user features + the history strictly before
-`time` -> UserTower -> scores = ranking_matrix @ [user, 1] -> drop posts liked before `time` -> top-k by
-partial sort. No pandas and no database on this path. `refresh()` merges feed rows written after training
-into the histories and likes; it builds new arrays and swaps them in one assignment, so requests never
-wait. The snapshot holds every user's whole history, so a request at any past time is answered exactly.
+A Recommender holds the model and one ServingState. The state reads events in two layers: the snapshot
+of the model file (every user's events up to the end of the training feed, memory-mapped and never
+written, so worker processes share its pages) and a delta: the feed rows the refresh (refresh.py) has
+read from the tables since, late ones included. Beside them: users and posts that appeared after
+training, and the post statistics at the latest event. `Recommender.apply(changes)` builds the next
+state and swaps it in with one assignment, so a request reads one whole state, never a half-built one.
+
+Per request: user features + the history strictly before `time` (both layers) -> UserTower -> scores =
+ranking_matrix @ [user, 1] -> drop posts liked before `time` and posts gone from post_text_df -> the top
+`limit` by partial sort, ties to the lower post id. No pandas and no database on this path.
 """
 
 from __future__ import annotations
@@ -20,40 +25,186 @@ import numpy as np
 import pandas as pd
 import torch
 
-from features import Histories, UserFeatures, build_user_histories, lookup, to_seconds, user_features
-from model import TwoTower, UserBatch, make_user_batch, two_tower_from_payload
+from features import (
+    ACTION_LIKE,
+    RECENT_DAYS,
+    Histories,
+    LayeredHistories,
+    UserFeatures,
+    encode,
+    histories_from_rows,
+    lookup,
+    post_stats_from_counts,
+    user_features,
+    window_days,
+)
+from model import TwoTower, UserBatch, autoencoder_from_payload, make_user_batch, two_tower_from_payload
+
+# ----------------------------------------------------------------------------- data structures
 
 
-@dataclass
-class ServingState:
-    """What a refresh replaces as a whole: recent events and all likes per user (histories.likes)."""
+@dataclass(frozen=True)
+class FeedRows:
+    """Feed rows as arrays. The delta keeps every row a refresh read, also those naming a user or post
+    the service does not know yet: they join the histories when that user or post appears."""
 
+    seconds: np.ndarray  # int64
+    user_id: np.ndarray  # int64
+    post_id: np.ndarray  # int64
+    is_like: np.ndarray  # bool
+
+    def __len__(self) -> int:
+        return len(self.seconds)
+
+    @classmethod
+    def empty(cls) -> FeedRows:
+        return cls(*(np.zeros(0, np.int64) for _ in range(3)), np.zeros(0, bool))
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> FeedRows:
+        """From columns seconds, user_id, post_id, is_like."""
+        return cls(*(frame[name].to_numpy(dtype) for name, dtype in zip(_COLUMNS, _DTYPES, strict=True)))
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({name: getattr(self, name) for name in _COLUMNS})
+
+    def concat(self, other: FeedRows) -> FeedRows:
+        if not len(other):
+            return self
+        return FeedRows(*(np.concatenate([getattr(self, n), getattr(other, n)]) for n in _COLUMNS))
+
+    def select(self, keep: np.ndarray) -> FeedRows:
+        return FeedRows(*(getattr(self, name)[keep] for name in _COLUMNS))
+
+
+_COLUMNS = ("seconds", "user_id", "post_id", "is_like")
+_DTYPES = (np.int64, np.int64, np.int64, bool)
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What one refresh read from the tables; every part may be empty."""
+
+    rows: FeedRows = dataclasses.field(default_factory=FeedRows.empty)  # feed rows not merged before
+    users: pd.DataFrame | None = None  # user_data rows of users the state lacks
+    posts: pd.DataFrame | None = None  # new posts: post_id, text, topic, vector (raw text embedding)
+    texts: pd.DataFrame | None = None  # post_id, text, topic of known posts (their response JSON)
+    live_post_ids: np.ndarray | None = None  # every post_id of post_text_df now
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The model file's events (read-only) and what the post statistics need of them, computed once."""
+
+    users: UserFeatures
     histories: Histories
-    watermark: int  # seconds: every feed row before this time has been merged
+    start: int  # seconds: the first event of the training feed
+    end: int  # one past its last event
+    feed_rows: int  # rows of feed_data the training read
+    views: np.ndarray  # per snapshot post row, over the whole snapshot
+    likes: np.ndarray
+    recent: tuple[np.ndarray, np.ndarray, np.ndarray]  # time-sorted (seconds, post row, is like) of the
+    # events in the snapshot's last RECENT_DAYS: the recent-window statistics for any later time
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> Snapshot:
+        serving = {name: value for name, value in payload["serving"].items()}
+        arrays = {
+            k.removeprefix("history_"): v.numpy() for k, v in serving.items() if k.startswith("history_")
+        }
+        histories = Histories.from_arrays(arrays)
+        users = UserFeatures(
+            *(serving[name].numpy() for name in ("user_ids", "user_categorical", "user_numeric"))
+        )
+        end = int(serving["snapshot_end"])
+        n_posts = len(payload["post_ids"])
+        is_like = histories.ev_action == ACTION_LIKE
+        likes = np.bincount(histories.ev_post, weights=is_like, minlength=n_posts).astype(np.int64)
+        views = np.bincount(histories.ev_post, minlength=n_posts) - likes
+        recent = np.flatnonzero(histories.ev_time >= end - RECENT_DAYS * 86400)
+        order = recent[np.argsort(histories.ev_time[recent], kind="stable")]
+        return cls(
+            users=users,
+            histories=histories,
+            start=int(serving["snapshot_start"]),
+            end=end,
+            feed_rows=int(serving["feed_rows"]),
+            views=views,
+            likes=likes,
+            recent=(histories.ev_time[order], histories.ev_post[order].astype(np.int64), is_like[order]),
+        )
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """Everything a request reads, replaced as a whole by each refresh."""
+
+    users: UserFeatures  # the snapshot's users, then users added since (rows in that order)
+    user_index: tuple[np.ndarray, np.ndarray]  # (sorted user ids, their rows): lookups
+    histories: LayeredHistories  # the snapshot's events and the delta's, read as one
+    rows: FeedRows  # every feed row merged since the snapshot
+    post_ids: np.ndarray  # int64, per post row: the snapshot's posts, then posts added since
+    post_index: tuple[np.ndarray, np.ndarray]
+    post_text: torch.Tensor  # [n_posts, text_dim] text codes
+    post_topic: torch.Tensor  # [n_posts]
+    live: np.ndarray  # bool per post row: in post_text_df at the last look (only these are recommended)
+    post_json: tuple[bytes | None, ...]  # each post's PostGet JSON, None while its text is not in memory
+    ranking_matrix: torch.Tensor  # [n_posts, embed_dim + 1]: item embeddings and the exposure term
+    stats_time: int  # the post statistics hold events before this time (one past the latest)
+
+    @property
+    def item_matrix(self) -> torch.Tensor:
+        return self.ranking_matrix[:, :-1]
+
+    def user_row(self, user_id: int) -> int:
+        """Row of a user the state knows, -1 otherwise."""
+        return int(_rows_of(self.user_index, np.array([user_id]))[0])
+
+    def post_rows(self, post_ids: np.ndarray) -> np.ndarray:
+        return _rows_of(self.post_index, post_ids)
+
+    def response_body(self, rows: np.ndarray) -> bytes | None:
+        """The JSON list of PostGet for post rows; None if a post's text is not in memory."""
+        parts = [self.post_json[row] for row in rows]
+        return None if any(part is None for part in parts) else b"[" + b",".join(parts) + b"]"
+
+    def texts_missing(self) -> np.ndarray:
+        """post_ids whose text is not in memory (the database was down when they were read)."""
+        return self.post_ids[[part is None for part in self.post_json]]
+
+
+# ----------------------------------------------------------------------------- the recommender
 
 
 class Recommender:
     def __init__(self, model: TwoTower, payload: dict[str, Any]):
-        serving = payload["serving"]
         self.model = model.eval()
+        self.autoencoder = autoencoder_from_payload(payload)
         self.vocabs: dict[str, list[str]] = payload["vocabs"]
         self.age_scaler = tuple(payload["age_scaler"])
-        self.post_ids = payload["post_ids"].numpy()
-        self.users = UserFeatures(
-            serving["user_ids"].numpy(), serving["user_categorical"].numpy(), serving["user_numeric"].numpy()
-        )
+        self.stats_scaler = tuple(payload["stats_scaler"][k].numpy() for k in ("mean", "std"))
+        self.encoder_key: str = payload["encoder_key"]
+        self.snapshot = Snapshot.from_payload(payload)
+        snapshot = self.snapshot
+        post_ids = payload["post_ids"].numpy()
         with torch.inference_mode():
-            self.item_matrix = model.item_embeddings().contiguous()  # also encodes history posts
-            # [item embedding, exposure term]: the ranking stays one matrix-vector product
-            self.ranking_matrix = model.ranking_item_matrix().contiguous()
-        prefix = "history_"
-        histories = Histories.from_arrays(
-            {k.removeprefix(prefix): v.numpy() for k, v in serving.items() if k.startswith(prefix)}
+            ranking_matrix = model.ranking_item_matrix().contiguous()
+        self.state = ServingState(
+            users=snapshot.users,
+            user_index=_index(snapshot.users.user_ids),
+            histories=LayeredHistories(snapshot.histories, Histories.empty(len(snapshot.users.user_ids))),
+            rows=FeedRows.empty(),
+            post_ids=post_ids,
+            post_index=_index(post_ids),
+            post_text=model.post_text,
+            post_topic=model.post_topic,
+            live=np.ones(len(post_ids), dtype=bool),
+            post_json=(None,) * len(post_ids),
+            ranking_matrix=ranking_matrix,
+            stats_time=snapshot.end,
         )
-        self.state = ServingState(histories, int(serving["snapshot_end"]))
-        self.post_json: list[bytes | None] = [None] * len(self.post_ids)
-        self._refresh_lock = threading.Lock()
-        self._user_vector = _trace_user_vector(self.model, self.item_matrix, self.users, histories)
+        self._apply_lock = threading.Lock()  # one refresh at a time builds on the current state
+        self._user_tower = _trace_user_tower(self.model, self.state)
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], *, threads: int) -> Recommender:
@@ -62,139 +213,252 @@ class Recommender:
 
     @property
     def user_ids(self) -> np.ndarray:
-        return self.users.user_ids
+        return self.state.users.user_ids
 
-    def user_row(self, user_id: int) -> int:
-        """Row of a known user, -1 when the model file has no such user."""
-        return int(lookup(self.users.user_ids, np.array([user_id]))[0])
+    @property
+    def post_ids(self) -> np.ndarray:
+        return self.state.post_ids
 
-    def static_features(self, user: Any) -> UserFeatures:
-        """Features of a user the model file does not hold (an ORM row or any object with the columns)."""
-        columns = ("user_id", "gender", "country", "city", "exp_group", "os", "source", "age")
-        frame = pd.DataFrame([{name: getattr(user, name) for name in columns}])
-        return user_features(frame, self.vocabs, self.age_scaler)
-
-    def scores(self, user_row: int, time: int, *, users: UserFeatures | None = None) -> torch.Tensor:
-        """Like logits of every post for one user at `time` (history strictly before it)."""
-        state = self.state
-        if users is None:
-            users, histories, row = self.users, state.histories, user_row
-        else:  # a user unknown to the snapshot: static features only, empty history
-            histories, row = _EMPTY_HISTORY, 0
-        batch = make_user_batch(users, histories, np.array([row]), np.array([time]), self.model.config)
-        with torch.inference_mode():
-            user = self._user_vector(*_tensors(batch))
-            return self.ranking_matrix @ self.model.ranking_user_vector(user[0])
+    # --- serving ---
 
     def recommend(
-        self, user_row: int, time: int, limit: int, *, users: UserFeatures | None = None
+        self,
+        state: ServingState,
+        user_row: int,
+        time: int,
+        limit: int,
+        *,
+        users: UserFeatures | None = None,
+        histories: Histories | LayeredHistories | None = None,
     ) -> np.ndarray:
-        """Post rows of the top-`limit` posts, best first; ties go to the lower post id."""
-        scores = self.scores(user_row, time, users=users).numpy().copy()
-        if users is None:
-            scores[self.state.histories.likes.posts_before(user_row, time)] = -np.inf
+        """Post rows of the top-`limit` posts for a user at `time`, best first: only posts in
+        post_text_df, never one the user liked before `time`, so fewer than `limit` when that few are
+        left. `users`/`histories` serve a user the state does not hold (newcomer())."""
+        scores = self.scores(state, user_row, time, users=users, histories=histories).numpy().copy()
+        histories = state.histories if histories is None else histories
+        scores[histories.likes.posts_before(user_row, time)] = -np.inf
+        scores[~state.live] = -np.inf
         limit = min(limit, len(scores))
         candidates = np.argpartition(-scores, limit - 1)[:limit]
-        order = np.lexsort((candidates, -scores[candidates]))
+        candidates = candidates[np.isfinite(scores[candidates])]
+        order = np.lexsort((state.post_ids[candidates], -scores[candidates]))
         return candidates[order]
 
-    def set_posts(self, posts: pd.DataFrame) -> int:
-        """Keep each post's response JSON (PostGet) in memory, so answers need no database; returns misses."""
-        frame = posts.set_index("post_id").reindex(self.post_ids)
-        missing = int(frame["text"].isna().sum())
-        self.post_json = [
-            None if pd.isna(text) else json.dumps({"id": int(pid), "text": text, "topic": topic}).encode()
-            for pid, text, topic in zip(self.post_ids, frame["text"], frame["topic"], strict=True)
-        ]
-        return missing
+    def scores(
+        self,
+        state: ServingState,
+        user_row: int,
+        time: int,
+        *,
+        users: UserFeatures | None = None,
+        histories: Histories | LayeredHistories | None = None,
+    ) -> torch.Tensor:
+        """Ranking scores of every post row for one user at `time` (history strictly before it)."""
+        users = state.users if users is None else users
+        histories = state.histories if histories is None else histories
+        batch = make_user_batch(users, histories, np.array([user_row]), np.array([time]), self.model.config)
+        with torch.inference_mode():
+            user = self._user_tower(*_tensors(batch), state.item_matrix[batch.hist_post])
+            return state.ranking_matrix @ self.model.ranking_user_vector(user[0])
 
-    def has_all_posts(self) -> bool:
-        return all(part is not None for part in self.post_json)
+    def newcomer(self, state: ServingState, user: Any) -> tuple[UserFeatures, Histories]:
+        """Features and history of a user in user_data that the state does not hold yet (an ORM row or
+        any object with the columns): the feed rows already merged for them, so they are served exactly
+        like a known user, exclusions included, until the next refresh adds them."""
+        columns = ("user_id", "gender", "country", "city", "exp_group", "os", "source", "age")
+        features = user_features(
+            pd.DataFrame([{c: getattr(user, c) for c in columns}]), self.vocabs, self.age_scaler
+        )
+        mine = state.rows.select(state.rows.user_id == features.user_ids[0])
+        post_rows = state.post_rows(mine.post_id)
+        known = post_rows >= 0
+        events = histories_from_rows(
+            np.zeros(known.sum(), np.int64), post_rows[known], mine.seconds[known], mine.is_like[known], 1
+        )
+        return features, events
 
-    def response_body(self, rows: np.ndarray) -> bytes | None:
-        """The JSON list of PostGet for post rows; None if a post's text is not in memory."""
-        parts = [self.post_json[row] for row in rows]
-        return None if any(part is None for part in parts) else b"[" + b",".join(parts) + b"]"
+    # --- following the tables ---
 
-    def refresh(self, new_rows: pd.DataFrame) -> int:
-        """Merge feed rows (timestamp >= watermark) into the histories; returns how many were new.
-
-        Rows at exactly the watermark second may have been merged already: those are dropped here.
-        """
-        with self._refresh_lock:
+    def apply(self, changes: Changes) -> ServingState:
+        """Build the state that includes `changes` and swap it in; returns it."""
+        with self._apply_lock:
             state = self.state
-            seconds = to_seconds(new_rows["timestamp"]) if len(new_rows) else np.zeros(0, np.int64)
-            fresh = new_rows[seconds >= state.watermark]
-            fresh = fresh[~_already_merged(fresh, state, self.users.user_ids, self.post_ids)]
-            if fresh.empty:
-                return 0
-            new = build_user_histories(fresh, self.users.user_ids, self.post_ids)
-            histories = state.histories.merge(new)
-            watermark = max(state.watermark, int(to_seconds(fresh["timestamp"]).max()))
-            self.state = ServingState(histories, watermark)  # one assignment: readers see old or new
-            return int(new.n_events)
+            posts = self._with_posts(state, changes)
+            users, user_index = state.users, state.user_index
+            if changes.users is not None and len(changes.users):
+                users = _concat_users(users, user_features(changes.users, self.vocabs, self.age_scaler))
+                user_index = _index(users.user_ids)
+            rows = state.rows.concat(changes.rows)
+            histories, stats_time, ranking_matrix = state.histories, state.stats_time, state.ranking_matrix
+            grown = len(posts["post_ids"]) > len(state.post_ids) or len(users.user_ids) > len(
+                state.users.user_ids
+            )
+            if len(changes.rows) or grown:
+                delta = _delta_histories(rows, user_index, len(users.user_ids), posts["post_index"])
+                histories = LayeredHistories(self.snapshot.histories, delta)
+                stats_time = max(state.stats_time, int(rows.seconds.max()) + 1 if len(rows) else 0)
+                ranking_matrix = self._ranking_matrix(posts, delta, stats_time, rows)
+            self.state = dataclasses.replace(
+                state,
+                users=users,
+                user_index=user_index,
+                histories=histories,
+                rows=rows,
+                ranking_matrix=ranking_matrix,
+                stats_time=stats_time,
+                **posts,
+            )
+            return self.state
+
+    def _with_posts(self, state: ServingState, changes: Changes) -> dict[str, Any]:
+        """The post fields of the next state: new posts appended, liveness and texts updated."""
+        post_ids, post_index = state.post_ids, state.post_index
+        text, topic, json_parts = state.post_text, state.post_topic, list(state.post_json)
+        new = changes.posts
+        if new is not None and len(new):
+            new = new[~np.isin(new["post_id"].to_numpy(), post_ids)]
+        if new is not None and len(new):
+            with torch.inference_mode():
+                codes = self.autoencoder.encode(
+                    torch.from_numpy(np.stack(new["vector"].to_list()).astype(np.float32))
+                )
+            post_ids = np.concatenate([post_ids, new["post_id"].to_numpy(np.int64)])
+            post_index = _index(post_ids)
+            text = torch.cat([text, codes])
+            topic = torch.cat([topic, torch.from_numpy(encode(new["topic"], self.vocabs["topic"]))])
+            json_parts += [None] * len(new)
+        for frame in (changes.texts, new):
+            if frame is not None and len(frame):
+                rows = _rows_of(post_index, frame["post_id"].to_numpy())
+                for row, pid, body, name in zip(
+                    rows, frame["post_id"], frame["text"], frame["topic"], strict=True
+                ):
+                    if row >= 0:
+                        json_parts[row] = json.dumps({"id": int(pid), "text": body, "topic": name}).encode()
+        if changes.live_post_ids is not None:
+            live = np.isin(post_ids, changes.live_post_ids)
+        else:  # posts added without a look at the table: live, as they were just read from it
+            live = np.concatenate([state.live, np.ones(len(post_ids) - len(state.live), bool)])
+        return {
+            "post_ids": post_ids,
+            "post_index": post_index,
+            "post_text": text,
+            "post_topic": topic,
+            "live": live,
+            "post_json": tuple(json_parts),
+        }
+
+    def _ranking_matrix(
+        self, posts: dict[str, Any], delta: Histories, at: int, rows: FeedRows
+    ) -> torch.Tensor:
+        """The ranking matrix with every post's statistics at `at`, through the item tower."""
+        first = min(self.snapshot.start, int(rows.seconds.min())) if len(rows) else self.snapshot.start
+        stats = post_statistics_at(self.snapshot, delta, len(posts["post_ids"]), at=at, first=first)
+        mean, std = self.stats_scaler
+        scaled = torch.from_numpy(((stats - mean) / std).astype(np.float32))
+        with torch.inference_mode():
+            return self.model.ranking_rows(posts["post_text"], posts["post_topic"], scaled).contiguous()
 
 
-class _UserVector(torch.nn.Module):
-    """UserTower on the item encodings of the history: the one network call of a request."""
+def post_statistics_at(
+    snapshot: Snapshot, delta: Histories, n_posts: int, *, at: int, first: int
+) -> np.ndarray:
+    """[n_posts, 5] raw post statistics at `at` over the snapshot's events and the delta's: what
+    features.post_counts + post_stats_from_counts give on all events, from counts kept per layer."""
+    views, likes, recent_views, recent_likes = (np.zeros(n_posts, np.int64) for _ in range(4))
+    n_snapshot = len(snapshot.views)
+    views[:n_snapshot] += snapshot.views
+    likes[:n_snapshot] += snapshot.likes
+    seconds, post_rows, is_like = snapshot.recent
+    recent = slice(np.searchsorted(seconds, at - RECENT_DAYS * 86400), np.searchsorted(seconds, at))
+    recent_views += np.bincount(post_rows[recent][~is_like[recent]], minlength=n_posts)
+    recent_likes += np.bincount(post_rows[recent][is_like[recent]], minlength=n_posts)
+    delta_like = delta.ev_action == ACTION_LIKE
+    delta_recent = (delta.ev_time >= at - RECENT_DAYS * 86400) & (delta.ev_time < at)
+    for counts, keep in (
+        (views, ~delta_like),
+        (likes, delta_like),
+        (recent_views, ~delta_like & delta_recent),
+        (recent_likes, delta_like & delta_recent),
+    ):
+        counts += np.bincount(delta.ev_post[keep], minlength=n_posts)
+    return post_stats_from_counts(
+        views, likes, recent_views, recent_likes, window_days=window_days(first, at)
+    )
 
-    def __init__(self, model: TwoTower, item_matrix: torch.Tensor):
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(ids, kind="stable")
+    return ids[order], order
+
+
+def _rows_of(index: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    sorted_ids, order = index
+    positions = lookup(sorted_ids, ids)
+    return np.where(positions >= 0, order[np.maximum(positions, 0)], -1) if len(order) else positions
+
+
+def _concat_users(users: UserFeatures, more: UserFeatures) -> UserFeatures:
+    return UserFeatures(
+        *(
+            np.concatenate([getattr(users, n), getattr(more, n)])
+            for n in ("user_ids", "categorical", "numeric")
+        )
+    )
+
+
+def _delta_histories(
+    rows: FeedRows,
+    user_index: tuple[np.ndarray, np.ndarray],
+    n_users: int,
+    post_index: tuple[np.ndarray, np.ndarray],
+) -> Histories:
+    """The merged rows as Histories over every user row; rows of unknown users or posts wait."""
+    user_rows, post_rows = _rows_of(user_index, rows.user_id), _rows_of(post_index, rows.post_id)
+    known = (user_rows >= 0) & (post_rows >= 0)
+    return histories_from_rows(
+        user_rows[known], post_rows[known], rows.seconds[known], rows.is_like[known], n_users
+    )
+
+
+class _UserTower(torch.nn.Module):
+    """UserTower on a request's inputs and the item encodings of its history: one network call."""
+
+    def __init__(self, model: TwoTower):
         super().__init__()
-        self.users, self.item_matrix = model.users, item_matrix
+        self.users = model.users
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        batch = UserBatch(*inputs)
-        return self.users(batch, self.item_matrix[batch.hist_post])
+        *batch, history_items = inputs
+        return self.users(UserBatch(*batch), history_items)
 
 
 def _tensors(batch: UserBatch) -> tuple[torch.Tensor, ...]:
     return tuple(getattr(batch, field.name) for field in dataclasses.fields(batch))
 
 
-def _trace_user_vector(
-    model: TwoTower, item_matrix: torch.Tensor, users: UserFeatures, histories: Histories
-) -> torch.nn.Module:
+def _trace_user_tower(model: TwoTower, state: ServingState) -> torch.nn.Module:
     """The user tower as a frozen TorchScript graph for one (user, time): less Python per request.
 
-    Traced for batches of one, the only size scores() sends; the weights are constants of the graph. If
-    tracing fails (an unusual torch build), the eager module serves: same numbers, a little slower.
+    Traced for batches of one, the only size scores() sends; the item encodings are an input, so a
+    refresh that changes them needs no new trace. If tracing fails (an unusual torch build), the eager
+    module serves: same numbers, a little slower.
     """
-    eager = _UserVector(model, item_matrix).eval()
-    if len(users.user_ids) == 0:
+    eager = _UserTower(model).eval()
+    if len(state.users.user_ids) == 0:
         return eager
-    example = make_user_batch(users, histories, np.array([0]), np.array([2**31]), model.config)
+    batch = make_user_batch(state.users, state.histories, np.array([0]), np.array([2**31]), model.config)
+    example = (*_tensors(batch), state.item_matrix[batch.hist_post])
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(eager, _tensors(example), check_trace=False)
+            traced = torch.jit.trace(eager, example, check_trace=False)
             traced = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-            if not torch.allclose(traced(*_tensors(example)), eager(*_tensors(example)), atol=1e-5):
+            if not torch.allclose(traced(*example), eager(*example), atol=1e-5):
                 return eager
     except Exception:  # tracing is an optimisation only
         return eager
     return traced
-
-
-_EMPTY_HISTORY = Histories(*(np.zeros(n, dtype) for n, dtype in ((2, np.int64), *[(0, np.int64)] * 5)))
-_EMPTY_HISTORY.likes = _EMPTY_HISTORY
-
-
-def _already_merged(
-    fresh: pd.DataFrame, state: ServingState, user_ids: np.ndarray, post_ids: np.ndarray
-) -> np.ndarray:
-    """Rows of `fresh` equal to an event already merged at the watermark second."""
-    histories = state.histories
-    at_mark = histories.ev_time == state.watermark
-    if not at_mark.any() or fresh.empty:
-        return np.zeros(len(fresh), dtype=bool)
-    owner = histories.owner()[at_mark]
-    merged = pd.DataFrame(
-        {
-            "user_id": user_ids[owner],
-            "post_id": post_ids[histories.ev_post[at_mark]],
-            "action": np.where(histories.ev_action[at_mark] == 1, "like", "view"),
-            "timestamp": pd.to_datetime(histories.ev_time[at_mark], unit="s"),
-        }
-    ).drop_duplicates()
-    keys = fresh[["user_id", "post_id", "action", "timestamp"]].merge(merged, how="left", indicator=True)
-    return (keys["_merge"] == "both").to_numpy()

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     model_cache_dir: Path = DATA_DIR / "model_cache"
     export_dir: Path = DATA_DIR / "export"
     refresh_seconds: float = Field(30.0, ge=0)  # how often the service follows its tables (0 = never)
+    refresh_lookback_seconds: int = Field(7200, ge=0)  # how late a feed row may arrive and still be read
+    # within one refresh (older ones come later, through the day-by-day audit)
     torch_threads: int = Field(1, ge=1)  # intra-op threads per service worker
 
     @model_validator(mode="after")

@@ -2,7 +2,8 @@
 
 The real table has no primary key and no foreign keys, so none is created here either: the ORM maps
 (timestamp, user_id, post_id, action) as its identity, and the joins to users and posts are declared
-on the relationship only. The two indexes serve "a user's feed" and "a post's feed", newest first.
+on the relationship only. Two indexes serve "a user's feed" and "a post's feed", newest first; the
+third, on timestamp alone, lets the service's refresh read the rows of a recent window without a scan.
 """
 
 from datetime import datetime
@@ -20,6 +21,7 @@ class Feed(Base):
     __table_args__ = (
         Index("ix_feed_data_user_id_timestamp", "user_id", "timestamp"),
         Index("ix_feed_data_post_id_timestamp", "post_id", "timestamp"),
+        Index("ix_feed_data_timestamp", "timestamp"),
     )
 
     timestamp: Mapped[datetime] = mapped_column(DateTime)

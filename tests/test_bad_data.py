@@ -304,10 +304,12 @@ def test_user_added_after_training_gets_recommendations(demo, db_url, engine):
         response = client.get("/post/recommendations/", params={"id": new_id, "time": moment, "limit": 5})
         assert response.status_code == 200, response.text
         recommender = client.app.state.recommender
-        assert recommender.user_row(new_id) < 0, "the model file must not know the new user"
+        state = recommender.state
+        assert state.user_row(new_id) < 0, "the model file must not know the new user"
         with Session(engine) as session:
-            features = recommender.static_features(session.get(User, new_id))
-        expected = recommender.post_ids[recommender.recommend(0, parse_time(moment), 5, users=features)]
+            features, history = recommender.newcomer(state, session.get(User, new_id))
+        rows = recommender.recommend(state, 0, parse_time(moment), 5, users=features, histories=history)
+        expected = state.post_ids[rows]
         missing = client.get("/post/recommendations/", params={"id": new_id + 1, "time": moment})
 
     categorical = dict(zip(USER_CATEGORICALS, features.categorical[0].tolist(), strict=True))

@@ -10,6 +10,8 @@ from features import (
     ACTION_LIKE,
     ACTION_VIEW,
     UNKNOWN,
+    Histories,
+    LayeredHistories,
     build_dataset,
     build_user_histories,
     build_vocab,
@@ -105,27 +107,17 @@ def test_counts_before_cover_the_whole_history_in_a_subset(feed):
     assert np.array_equal(likes, per_user.iloc[:, 1].to_numpy())
 
 
-def test_merge_continues_counts_and_equals_building_at_once(feed):
-    users, posts = np.arange(200, 240), np.arange(1, 26)
-    split = len(feed) // 2
-    whole = build_user_histories(feed, users, posts)
-    first = build_user_histories(feed.iloc[:split], users, posts)
-    merged = first.merge(build_user_histories(feed.iloc[split:], users, posts))
-    for name in ("user_ptr", "ev_time", "ev_post", "ev_action", "ev_seen", "ev_liked"):
-        assert np.array_equal(getattr(merged, name), getattr(whole, name)), name
-    assert np.array_equal(merged.likes.ev_post, whole.likes.ev_post)
-
-
 def test_post_statistics_use_only_events_before_the_cutoff(feed):
     post_ids = np.arange(1, 26)
     cutoff = int(to_seconds(pd.Series([T0 + pd.Timedelta(days=20)]))[0])
-    before = post_statistics(feed, post_ids, cutoff=cutoff, window_days=20)
+    first = int(to_seconds(pd.Series([T0]))[0])
+    before = post_statistics(feed, post_ids, cutoff=cutoff, first=first)
     later = feed[to_seconds(feed["timestamp"]) >= cutoff]
     scrambled = later.assign(action="like", post_id=1)  # change everything after the cutoff
     changed = pd.concat([feed[to_seconds(feed["timestamp"]) < cutoff], scrambled])
-    assert np.array_equal(before, post_statistics(changed, post_ids, cutoff=cutoff, window_days=20))
+    assert np.array_equal(before, post_statistics(changed, post_ids, cutoff=cutoff, first=first))
     assert not np.array_equal(
-        before, post_statistics(feed, post_ids, cutoff=cutoff + 86400 * 10, window_days=20)
+        before, post_statistics(feed, post_ids, cutoff=cutoff + 86400 * 10, first=first)
     )
 
 
@@ -177,3 +169,30 @@ def test_single_query_search_equals_the_vectorised_one(feed):
     batched = histories.last_before(rows, times)  # > 8 queries: the vectorised binary search
     one_by_one = [histories.last_before(rows[i : i + 1], times[i : i + 1])[0] for i in range(50)]
     assert batched.tolist() == one_by_one
+
+
+def test_layered_histories_read_as_the_histories_of_all_events(feed):
+    """Snapshot + delta (late rows and users added after the snapshot included) == one Histories of all."""
+    rng = np.random.default_rng(3)
+    users, posts = np.arange(200, 245), np.arange(1, 26)  # users 240..244 exist only in the delta
+    late = make_feed(rng, n=400, n_users=45).assign(
+        timestamp=lambda f: f["timestamp"] + pd.Timedelta(days=rng.integers(-5, 10))
+    )
+    in_snapshot = feed["user_id"] < 240
+    base = build_user_histories(feed[in_snapshot], users[:40], posts)
+    same_second = feed[in_snapshot].iloc[::40].assign(post_id=lambda f: f["post_id"] % 25 + 1)  # ties
+    delta_rows = pd.concat([feed[~in_snapshot], late, same_second])
+    delta = build_user_histories(delta_rows, users, posts)
+    whole = build_user_histories(pd.concat([feed[in_snapshot], delta_rows]), users, posts)
+    layered = LayeredHistories(base, delta)
+    rows = rng.integers(0, 45, 300)
+    times = to_seconds(pd.Series(T0 + pd.to_timedelta(rng.integers(0, 50 * 86400, 300), unit="s")))
+    for got, expected in zip(layered.window(rows, times, 12), whole.window(rows, times, 12), strict=True):
+        assert np.array_equal(got, expected)  # equal times: snapshot first, as in one stable sort
+    for a, b in zip(layered.counts_before(rows, times), whole.counts_before(rows, times), strict=True):
+        assert np.array_equal(a, b)
+    for row, time in zip(rows[:50], times[:50], strict=True):
+        assert sorted(layered.likes.posts_before(row, time)) == sorted(whole.likes.posts_before(row, time))
+    empty = LayeredHistories(base, Histories.empty(45))
+    for a, b in zip(empty.window(rows % 40, times, 12), base.window(rows % 40, times, 12), strict=True):
+        assert np.array_equal(a, b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import datetime
 from pathlib import Path
 
@@ -9,13 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from sqlalchemy import func, inspect, select
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+import database
 import get_features_table as gft
 from table_feed import Feed
 
-FEED_INDEXES = {"ix_feed_data_user_id_timestamp", "ix_feed_data_post_id_timestamp"}
+FEED_INDEXES = {"ix_feed_data_user_id_timestamp", "ix_feed_data_post_id_timestamp", "ix_feed_data_timestamp"}
 
 
 def make_tables(n_feed: int = 12, *, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -230,6 +233,19 @@ def test_a_database_error_during_a_read_is_raised(engine) -> None:
     assert len(gft.read_table(engine, "feed_data")) == 12, "the engine still works after the error"
 
 
+def test_an_unreachable_database_is_a_sqlalchemy_error(postgres_url) -> None:
+    """Callers catch SQLAlchemy's OperationalError (the service answers 503), also on the COPY path."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # a port nobody listens on
+        url = make_url(postgres_url).set(host="127.0.0.1", port=unused.getsockname()[1])
+        engine = database.make_engine(url.render_as_string(hide_password=False))
+        try:
+            with pytest.raises(OperationalError):
+                gft.read_table(engine, "post_text_df")
+        finally:
+            engine.dispose()
+
+
 def test_rows_written_fast_path_are_readable_through_the_orm(engine) -> None:
     users, posts, feed = make_tables()
     gft.write_tables(engine, users=users, posts=posts, feed=feed, progress=False)
@@ -247,6 +263,7 @@ def test_feed_indexes_exist_after_write_tables(engine) -> None:
     assert indexes == {
         "ix_feed_data_user_id_timestamp": ["user_id", "timestamp"],
         "ix_feed_data_post_id_timestamp": ["post_id", "timestamp"],
+        "ix_feed_data_timestamp": ["timestamp"],
     }, indexes
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -128,3 +129,36 @@ def test_settings_require_checksum_with_url():
     with pytest.raises(ValueError, match="MODEL_SHA256"):
         Settings(model_url="http://example.invalid/model.pt")
     assert Path(Settings().model_path).name == "model.pt"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"NOT-HTTP garbage\r\n\r\n",  # http.client.BadStatusLine
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial body",  # IncompleteRead mid-body
+    ],
+)
+def test_any_download_failure_is_one_model_file_error_and_leaves_no_partial_file(tmp_path, answer):
+    """A malformed HTTP answer used to escape as http.client.BadStatusLine and leave a .part file."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_once() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(answer)
+
+    threading.Thread(target=answer_once, daemon=True).start()
+    settings = Settings(
+        model_path=tmp_path / "absent.pt",
+        model_url=f"http://127.0.0.1:{listener.getsockname()[1]}/model.pt",
+        model_sha256="a" * 64,
+        model_cache_dir=tmp_path / "cache",
+    )
+    try:
+        with pytest.raises(ModelFileError, match="could not download the model file") as caught:
+            get_model(settings)
+    finally:
+        listener.close()
+    assert "\n" not in str(caught.value), "one line"
+    assert not any((tmp_path / "cache").iterdir()), "a partial download was left in the cache"
