@@ -6,7 +6,8 @@ the tables and hands it to Recommender.apply, which swaps in the next state:
   matrix once `python main_script.py embed-posts` has stored its text embedding in post_embedding (the
   service applies the model file's autoencoder and item tower to it); a post that disappeared is no
   longer recommended.
-- users: count(*) of user_data; when it moved, the users the service lacks.
+- users: those named by merged feed rows whom the service lacks are read from user_data (a user without
+  feed rows needs no state: a request reads their user_data row and serves them at once).
 - feed: every row committed since, whatever its timestamp. The watermark is the latest event time
   merged. Each cycle counts the rows of the lookback window (timestamp >= watermark - lookback, on the
   index ix_feed_data_timestamp) and reads them only when the count differs from the rows the service
@@ -69,7 +70,6 @@ class TableFollower:
         self.first_day = first_day
         self.snapshot_days = np.bincount(history.ev_time // DAY_SECONDS - first_day)  # rows per day
         self.audit_day: int | None = None
-        self.user_count: int | None = None
 
     # --- one cycle ---
 
@@ -78,15 +78,13 @@ class TableFollower:
         state = self.recommender.state
         with self.engine.connect() as conn:
             post_ids = np.array(conn.execute(select(Post.post_id)).scalars().all(), dtype=np.int64)
-            user_count = conn.execute(select(func.count()).select_from(User)).scalar_one()
         texts = self._posts(state.texts_missing()) if len(state.texts_missing()) else None
         new_posts, report.waiting_posts = self._new_posts(state, post_ids)
-        new_users = self._new_users(state) if user_count != self.user_count else None
         fresh = self._window_rows(report)
         rows = fresh.concat(self._late_rows(state.rows.concat(fresh), report))
+        new_users = self._new_users(state, state.rows.concat(rows))
         changes = Changes(rows=rows, users=new_users, posts=new_posts, texts=texts, live_post_ids=post_ids)
         self.recommender.apply(changes)
-        self.user_count = user_count
         report.feed_rows, report.posts = len(rows), 0 if new_posts is None else len(new_posts)
         report.users = 0 if new_users is None else len(new_users)
         return report
@@ -151,10 +149,10 @@ class TableFollower:
             (frame["action"] == "like").to_numpy(),
         )
 
-    def _new_users(self, state: ServingState) -> pd.DataFrame | None:
-        with self.engine.connect() as conn:
-            ids = np.array(conn.execute(select(User.user_id)).scalars().all(), dtype=np.int64)
-        new = ids[_missing(state.user_index, ids)]
+    def _new_users(self, state: ServingState, rows: FeedRows) -> pd.DataFrame | None:
+        """user_data rows of the users that merged feed rows name and the state lacks."""
+        named = np.unique(rows.user_id)
+        new = named[_missing(state.user_index, named)]
         if not len(new):
             return None
         frames = []
@@ -163,7 +161,8 @@ class TableFollower:
             frames.append(
                 get_features_table.read_table(self.engine, "user_data", where=User.user_id.in_(chunk))
             )
-        return pd.concat(frames, ignore_index=True)
+        found = pd.concat(frames, ignore_index=True)
+        return found if len(found) else None
 
     def _new_posts(self, state: ServingState, post_ids: np.ndarray) -> tuple[pd.DataFrame | None, int]:
         """(new posts with their text embedding, how many new posts still have none)."""

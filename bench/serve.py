@@ -10,7 +10,7 @@ Steps:
      empty, and a model file under --data-dir (`main_script.py all`) when it is missing. The bench
      model is trained briefly (EPOCHS=1, TRAIN_SAMPLE=300000): quality does not change serving
      latency, the network shape is the same. Everything lands under --data-dir, never on the demo.
-  (a) in-process: Recommender.recommend(row, time, limit) for random known users at random times in
+  (a) in-process: Recommender.recommend(state, row, time, limit) for random known users at random times in
      the data window, after a warm-up (and the endpoint's whole in-memory path beside it). A tight
      loop keeps the CPU caches warm, so these figures are a floor for the per-request compute.
   (b) HTTP: `uvicorn app:app --workers 1` (access log on, as by default) on a free 127.0.0.1 port;
@@ -22,10 +22,10 @@ Steps:
   (c) startup: from spawning uvicorn to the first 200 on /health with the model loaded;
      resident memory (VmRSS, children included) of the server after the load.
 
-The database must exist (createdb -h 127.0.0.1 -U postgres bench); --database-url may also be a
-sqlite:/// URL. To A/B a change of app.py or serving.py without touching them, put edited copies in a
-folder and pass `--app-dir FOLDER` (modules there shadow the repository's). Latency depends on what else
-runs: the load average is reported at the start and the end.
+A PostgreSQL database that does not exist yet is created (the server must be reachable); --database-url
+may also be a sqlite:/// URL. To A/B a change of app.py or serving.py without touching them, put edited
+copies in a folder and pass `--app-dir FOLDER` (modules there shadow the repository's). Latency depends
+on what else runs: the load average is reported at the start and the end.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from settings import SCALE_NAMES  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/bench"
 TARGETS = {  # what the benchmark is judged on
@@ -149,8 +151,37 @@ def model_usable(model_path: Path) -> bool:
         return False
 
 
+def ensure_database(database_url: str) -> None:
+    """Create the PostgreSQL database of `database_url` when the server lacks it (SQLite files create
+    themselves); a server that cannot be reached or refuses stops the bench with one line."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    url = make_url(database_url)
+    if url.get_backend_name() != "postgresql":
+        return
+    server = url.set(drivername="postgresql+psycopg2", database="postgres")
+    try:
+        admin = create_engine(server, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+        with admin.connect() as conn:
+            exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": url.database})
+            if exists.first() is None:
+                conn.execute(text(f'CREATE DATABASE "{url.database}"'))
+                log(f"created database {url.database!r} on {url.host}:{url.port or 5432}")
+        admin.dispose()
+    except (OperationalError, ProgrammingError) as exc:
+        where = url.render_as_string(hide_password=True)
+        raise SystemExit(
+            f"cannot create or reach {where} ({exc.__class__.__name__}): "
+            f"create it yourself (createdb -h {url.host} -U {url.username or 'postgres'} {url.database}) "
+            "or pass --database-url"
+        ) from None
+
+
 def build_or_reuse(*, database_url: str, data_dir: Path, scale: str) -> dict[str, object]:
     """Demo tables and the bench model: generated/trained when missing, reused otherwise."""
+    ensure_database(database_url)
     env = child_env(database_url=database_url, data_dir=data_dir, scale=scale)
     data_dir.mkdir(parents=True, exist_ok=True)
     model_path = data_dir / "model.pt"
@@ -242,19 +273,20 @@ def measure_inprocess(
 ) -> dict[str, dict[str, float]]:
     """Latency of Recommender.recommend, and of the endpoint's in-memory path (parse, lookup, JSON)."""
     from features import parse_time
-    from serving import Recommender
+    from serving import Changes, Recommender
 
     recommender = Recommender.from_payload(payload, threads=1)
-    missing = recommender.set_posts(posts)
+    state = recommender.apply(Changes(texts=posts, live_post_ids=posts["post_id"].to_numpy()))
+    missing = len(state.texts_missing())
     assert missing == 0, f"{missing} posts of the model are not in post_text_df: is the model stale?"
-    user_ids = recommender.user_ids
+    user_ids = state.users.user_ids
     for row, moment in zip(rows[:warmup], times[:warmup], strict=True):
-        recommender.recommend(int(row), int(moment), limit)
+        recommender.recommend(state, int(row), int(moment), limit)
 
     recommend_s, cpu_s = [], []
     for row, moment in zip(rows, times, strict=True):
         cpu, clock = time.thread_time(), time.perf_counter()
-        recommender.recommend(int(row), int(moment), limit)
+        recommender.recommend(state, int(row), int(moment), limit)
         recommend_s.append(time.perf_counter() - clock)
         cpu_s.append(time.thread_time() - cpu)
 
@@ -262,8 +294,9 @@ def measure_inprocess(
     endpoint_s = []
     for row, stamp in zip(rows, stamps, strict=True):
         clock = time.perf_counter()
-        found = recommender.user_row(int(user_ids[row]))
-        body = recommender.response_body(recommender.recommend(found, parse_time(stamp), limit))
+        state = recommender.state
+        found = state.user_row(int(user_ids[row]))
+        body = state.response_body(recommender.recommend(state, found, parse_time(stamp), limit))
         endpoint_s.append(time.perf_counter() - clock)
         assert body is not None, "every post has its JSON in memory"
     return {
@@ -282,12 +315,13 @@ def profile_inprocess(payload: dict, rows: np.ndarray, times: np.ndarray, *, lim
     from serving import Recommender
 
     recommender = Recommender.from_payload(payload, threads=1)
+    state = recommender.state
     for row, moment in zip(rows[:200], times[:200], strict=True):
-        recommender.recommend(int(row), int(moment), limit)
+        recommender.recommend(state, int(row), int(moment), limit)
     profiler = cProfile.Profile()
     profiler.enable()
     for row, moment in zip(rows, times, strict=True):
-        recommender.recommend(int(row), int(moment), limit)
+        recommender.recommend(state, int(row), int(moment), limit)
     profiler.disable()
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
@@ -734,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL, help="default: %(default)s")
     parser.add_argument("--data-dir", type=Path, default=Path("data/bench"), help="default: %(default)s")
-    parser.add_argument("--scale", default="full", choices=("tiny", "small", "full"), help="default: full")
+    parser.add_argument("--scale", default="full", choices=SCALE_NAMES, help="default: full")
     parser.add_argument("--requests", type=int, default=2000, help="in-process calls (default: 2000)")
     parser.add_argument("--limit", type=int, default=5, help="posts per recommendation (default: 5)")
     parser.add_argument("--c1-seconds", type=float, default=5.0, help="per endpoint at concurrency 1")

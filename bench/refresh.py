@@ -1,0 +1,235 @@
+"""The live refresh at full scale: cost per cycle, the plan of its queries, and requests meanwhile.
+
+    python bench/refresh.py [--json] [--cycles 20] [--rows 10000] [--seconds 30]
+
+Uses the bench's full demo and model (bench/serve.py builds them when missing) in a scratch copy of its
+PostgreSQL database (CREATE DATABASE ... TEMPLATE, then VACUUM ANALYZE as autovacuum would; dropped at
+the end), in one process as the service runs it: a Recommender loaded memory-mapped from the model
+file and a refresh.TableFollower.
+  (1) a refresh cycle with no new rows, --cycles times (median);
+  (2) a cycle after --rows new feed rows were committed (timestamps spread over the hour before the
+      watermark to the hour after it, 30% likes), --cycles times (median; the delta grows each time);
+  (3) EXPLAIN ANALYZE of the cycle's feed queries: the window count, the window read, one audit day;
+  (4) recommendations in-process for --seconds while cycles with new rows run back to back in a
+      worker thread, as in the service: latency percentiles of the requests.
+Targets (the live-service issue): (1) < 50 ms; (4) p99 < 5 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serve import DEFAULT_DATABASE_URL, build_or_reuse, log, percentiles_ms  # noqa: E402
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from refresh import TableFollower
+
+
+def scratch_copy(database_url: str, name: str) -> str:
+    """A fresh copy of the bench database (PostgreSQL's template copy); returns its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    admin = create_engine(
+        url.set(drivername="postgresql+psycopg2", database="postgres"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{url.database}"'))
+    admin.dispose()
+    copy = url.set(database=name)
+    # The steady state of a live table: autovacuum has set its visibility map, so counting on the index
+    # needs no heap visits (a table fresh from a bulk load has none until autovacuum passes).
+    vacuum = create_engine(copy.set(drivername="postgresql+psycopg2"), isolation_level="AUTOCOMMIT")
+    with vacuum.connect() as conn:
+        conn.execute(text("VACUUM ANALYZE feed_data"))
+    vacuum.dispose()
+    return copy.render_as_string(hide_password=False)
+
+
+def drop_database(database_url: str) -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    admin = create_engine(
+        url.set(drivername="postgresql+psycopg2", database="postgres"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def new_rows(
+    rng: np.random.Generator, n: int, around: int, user_ids: np.ndarray, post_ids: np.ndarray
+) -> pd.DataFrame:
+    like = rng.random(n) < 0.3
+    return pd.DataFrame(
+        {
+            "timestamp": pd.to_datetime(around + rng.integers(-3600, 3600, n), unit="s"),
+            "user_id": rng.choice(user_ids, n),
+            "post_id": rng.choice(post_ids, n),
+            "action": np.where(like, "like", "view"),
+            "target": np.zeros(n, dtype=np.int64),
+        }
+    )
+
+
+def insert(engine: Engine, rows: pd.DataFrame) -> None:
+    """COPY the rows in, as a writer beside the service would (no validation: the bench made them)."""
+    from get_features_table import _copy_in  # the bulk path of write_tables
+    from table_feed import Feed
+
+    with engine.begin() as conn:
+        _copy_in(conn, Feed.__table__, rows, _NullBar())
+
+
+class _NullBar:
+    def update(self, _n: int) -> None:
+        pass
+
+
+def explain(engine: Engine, follower: TableFollower) -> dict[str, list[str]]:
+    """EXPLAIN ANALYZE of the cycle's feed queries, as PostgreSQL plans them now."""
+    from sqlalchemy import func, select, text
+    from sqlalchemy.dialects import postgresql
+
+    from features import DAY_SECONDS
+    from refresh import _time
+    from table_feed import Feed
+
+    since = _time(follower.watermark - follower.lookback)
+    day = (follower.watermark - follower.lookback) // DAY_SECONDS - 1
+    queries = {
+        "window count": select(func.count()).select_from(Feed).where(Feed.timestamp >= since),
+        "window read": select(Feed.timestamp, Feed.user_id, Feed.post_id, Feed.action).where(
+            Feed.timestamp >= since
+        ),
+        "audit day count": select(func.count())
+        .select_from(Feed)
+        .where(Feed.timestamp >= _time(day * DAY_SECONDS), Feed.timestamp < _time((day + 1) * DAY_SECONDS)),
+    }
+    plans = {}
+    with engine.connect() as conn:
+        for name, query in queries.items():
+            sql = str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+            plans[name] = [row[0] for row in conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS) {sql}"))]
+    return plans
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--database-url", default=DEFAULT_DATABASE_URL, help="the bench database (PostgreSQL)"
+    )
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "bench")
+    parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=10_000, help="new feed rows per cycle in (2) and (4)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of the requests run (4)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    args = parser.parse_args()
+
+    import database
+    from get_model import load_model_file
+    from refresh import TableFollower
+    from serving import Changes, Recommender
+    from settings import Settings
+
+    build_or_reuse(database_url=args.database_url, data_dir=args.data_dir, scale="full")
+    url = scratch_copy(args.database_url, "bench_refresh")
+    engine = database.make_engine(url)
+    try:
+        clock = time.perf_counter()
+        recommender = Recommender.from_payload(
+            load_model_file(args.data_dir / "model.pt", mmap=True), threads=1
+        )
+        import get_features_table
+
+        posts = get_features_table.read_table(engine, "post_text_df")
+        recommender.apply(Changes(texts=posts, live_post_ids=posts["post_id"].to_numpy()))
+        follower = TableFollower(engine, recommender, lookback_seconds=Settings().refresh_lookback_seconds)
+        follower.cycle()  # the first look at the tables (user count, post ids)
+        log(f"loaded in {time.perf_counter() - clock:.1f} s")
+        rng = np.random.default_rng(0)
+        user_ids, post_ids = recommender.state.users.user_ids, recommender.state.post_ids
+
+        def timed_cycle() -> tuple[float, object]:
+            clock = time.perf_counter()
+            report = follower.cycle()
+            return (time.perf_counter() - clock) * 1000, report
+
+        idle = [timed_cycle()[0] for _ in range(args.cycles)]
+        log(f"(1) no new rows: median {np.median(idle):.1f} ms")
+        busy, reports = [], []
+        for _ in range(args.cycles):
+            insert(engine, new_rows(rng, args.rows, follower.watermark, user_ids, post_ids))
+            ms, report = timed_cycle()
+            busy.append(ms)
+            reports.append(report)
+        assert all(r.feed_rows == args.rows for r in reports), f"rows lost or doubled: {reports[-1]}"
+        delta = len(recommender.state.rows)
+        log(f"(2) {args.rows} new rows: median {np.median(busy):.1f} ms (delta now {delta:,} rows)")
+        plans = explain(engine, follower)
+        for name, plan in plans.items():
+            log(f"(3) {name}:\n    " + "\n    ".join(plan))
+
+        stop = threading.Event()
+        cycles_during = []
+
+        def refresh_loop() -> None:
+            while not stop.is_set():
+                insert(engine, new_rows(rng, args.rows, follower.watermark, user_ids, post_ids))
+                cycles_during.append(timed_cycle()[0])
+
+        worker = threading.Thread(target=refresh_loop, daemon=True)
+        worker.start()
+        latencies = []
+        deadline = time.monotonic() + args.seconds
+        start, end = recommender.snapshot.start, recommender.snapshot.end
+        while time.monotonic() < deadline:
+            state = recommender.state
+            row, moment = int(rng.integers(len(state.users.user_ids))), int(rng.integers(start, end))
+            clock = time.perf_counter()
+            state.response_body(recommender.recommend(state, row, moment, 5))
+            latencies.append(time.perf_counter() - clock)
+        stop.set()
+        worker.join()
+        during = percentiles_ms(latencies)
+        n_cycles = len(cycles_during)
+        log(f"(4) requests during {n_cycles} refresh cycles: p50 {during['p50']} ms, p99 {during['p99']} ms")
+    finally:
+        engine.dispose()
+        drop_database(url)
+
+    summary = {
+        "refresh_idle_ms": round(float(np.median(idle)), 2),
+        "refresh_10k_rows_ms": round(float(np.median(busy)), 2),
+        "rows_per_cycle": args.rows,
+        "refresh_cycles_during_requests": len(cycles_during),
+        "refresh_ms_during_requests": round(float(np.median(cycles_during)), 1) if cycles_during else None,
+        "requests_during_refresh": during,
+        "explain": plans,
+        "targets": {"refresh_idle_ms": "< 50", "requests_during_refresh.p99": "< 5"},
+    }
+    if args.json:
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
