@@ -228,8 +228,9 @@ health = APIRouter(tags=["service"])
 
 
 @get_route(health, "/health/live", response_model=LiveGet)
-def live() -> LiveGet:
-    """Liveness: the process answers. Touches neither the database nor the model."""
+async def live() -> LiveGet:
+    """Liveness: the process answers. Touches neither the database nor the model (the framework's
+    floor: async, so not even a worker thread)."""
     return LiveGet(status="alive")
 
 

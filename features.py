@@ -89,10 +89,12 @@ def text_key(text: str) -> str:
 def time_features(seconds: np.ndarray) -> np.ndarray:
     """[n, 4] float32: hour of day and day of week on the unit circle (the request-time features)."""
     seconds = np.asarray(seconds, dtype=np.int64)
-    hour = (seconds % 86400) / 3600.0
-    weekday = ((seconds // 86400) + 3) % 7  # 1970-01-01 was a Thursday
-    angles = np.stack([2 * np.pi * hour / 24, 2 * np.pi * weekday / 7], axis=1)
-    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+    angles = np.empty((len(seconds), 2))
+    angles[:, 0] = (seconds % DAY_SECONDS) * (2 * np.pi / DAY_SECONDS)  # hour of day
+    angles[:, 1] = ((seconds // DAY_SECONDS + 3) % 7) * (2 * np.pi / 7)  # 1970-01-01 was a Thursday
+    out = np.empty((len(seconds), 4), dtype=np.float32)
+    out[:, :2], out[:, 2:] = np.sin(angles), np.cos(angles)
+    return out
 
 
 def build_vocab(values: pd.Series, *, min_count: int = 1) -> list[str]:
@@ -351,6 +353,15 @@ class Histories:
             np.where(has_any, self.ev_liked[last], 0).astype(np.int64),
         )
 
+    def recent(self, user_row: int, time: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """One user's last k events strictly before `time`, oldest first, unpadded: (times, post rows,
+        actions), and the whole-history (events, likes) counts before it. The serving path's window."""
+        start, stop = self.user_ptr[user_row], self.user_ptr[user_row + 1]
+        end = start + int(np.searchsorted(self.ev_time[start:stop], time))
+        low = max(start, end - k)
+        counts = (int(self.ev_seen[end - 1]), int(self.ev_liked[end - 1])) if end > start else (0, 0)
+        return self.ev_time[low:end], self.ev_post[low:end], self.ev_action[low:end], *counts
+
     def posts_before(self, user_row: int, time: int) -> np.ndarray:
         """Post rows of the user's events strictly before `time` (on `likes`: the posts liked before it)."""
         start, end = self.user_ptr[user_row], self.user_ptr[user_row + 1]
@@ -444,6 +455,19 @@ class LayeredHistories:
         base_events, base_likes = self.base.counts_before(base_rows, times)
         events, likes = self.delta.counts_before(user_rows, times)
         return events + np.where(inside, base_events, 0), likes + np.where(inside, base_likes, 0)
+
+    def recent(self, user_row: int, time: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """Histories.recent over both layers (at equal times snapshot events first, like after view)."""
+        delta = self.delta.recent(user_row, time, k)
+        if user_row >= self.base.n_users:
+            return delta
+        base = self.base.recent(user_row, time, k)
+        if not len(delta[0]):
+            return (*base[:3], base[3] + delta[3], base[4] + delta[4])
+        ev_time, posts, actions = (np.concatenate([b, d]) for b, d in zip(base[:3], delta[:3], strict=True))
+        layer = np.repeat([0, 1], [len(base[0]), len(delta[0])])
+        last = np.lexsort((layer, actions, ev_time))[-k:]
+        return ev_time[last], posts[last], actions[last], base[3] + delta[3], base[4] + delta[4]
 
     def posts_before(self, user_row: int, time: int) -> np.ndarray:
         delta = self.delta.posts_before(user_row, time)

@@ -29,6 +29,7 @@ REQUIRED_KEYS = (
     "config",
     "state_dict",
     "autoencoder",
+    "user_tower_onnx",
     "vocabs",
     "post_ids",
     "metrics",

@@ -47,7 +47,14 @@ from get_features_table import TABLES
 from get_model import FORMAT, ModelFileError, get_model, load_model_file, save_model_file
 from get_post_embeddings import embed_posts, encoder_key, resolve_encoder
 from learn_model import train_autoencoder, train_two_tower
-from model import Autoencoder, TwoTower, TwoTowerConfig, make_user_batch, two_tower_from_payload
+from model import (
+    Autoencoder,
+    TwoTower,
+    TwoTowerConfig,
+    make_user_batch,
+    two_tower_from_payload,
+    user_tower_onnx,
+)
 from settings import OBJECTIVES, SCALE_NAMES, Settings, describe
 from table_feed import Feed
 from table_post_embedding import PostEmbedding
@@ -350,6 +357,7 @@ def model_payload(
         "post_ids": torch.tensor(data.post_ids),
         "text_encoder": resolve_encoder(settings.text_encoder).rsplit("/site-packages/", 1)[-1],
         "encoder_key": encoder_key(settings.text_encoder, max_length=settings.embed_max_length),
+        "user_tower_onnx": torch.frombuffer(bytearray(user_tower_onnx(model)), dtype=torch.uint8),
         "autoencoder": {
             "in_dim": autoencoder.in_dim,
             "hidden_dim": autoencoder.hidden_dim,

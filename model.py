@@ -86,19 +86,7 @@ def make_user_batch(
             strict=True,
         )
         posts, actions, recency, mask = (np.concatenate(pair, axis=1) for pair in windows)
-    n_events, n_likes = histories.counts_before(user_rows, times)
-    like_rate = (n_likes + LIKE_RATE_PRIOR_VIEWS * PRIOR_LIKE_RATE) / (
-        n_events - n_likes + LIKE_RATE_PRIOR_VIEWS
-    )
-    numeric = np.concatenate(
-        [
-            users.numeric[user_rows],
-            time_features(times),
-            np.stack([np.log1p(n_events) / 5.0, np.log1p(n_likes) / 3.0, like_rate * 5.0], axis=1),
-        ],
-        axis=1,
-        dtype=np.float32,
-    )
+    numeric = numeric_inputs(users.numeric[user_rows], times, *histories.counts_before(user_rows, times))
     return UserBatch(
         torch.from_numpy(users.categorical[user_rows]),
         torch.from_numpy(numeric),
@@ -107,6 +95,25 @@ def make_user_batch(
         torch.from_numpy(recency),
         torch.from_numpy(mask),
     )
+
+
+def numeric_inputs(
+    static: np.ndarray, times: np.ndarray, n_events: np.ndarray, n_likes: np.ndarray
+) -> np.ndarray:
+    """[n, n_user_numeric] float32: the static numerics, the request time's features and the user's
+    activity before it (events, likes, like rate shrunk towards a prior)."""
+    n_events, n_likes = np.asarray(n_events, np.float64), np.asarray(n_likes, np.float64)
+    width = static.shape[1]
+    out = np.empty((len(times), width + 7), dtype=np.float32)
+    out[:, :width] = static
+    out[:, width : width + 4] = time_features(times)
+    out[:, width + 4] = np.log1p(n_events) / 5.0
+    out[:, width + 5] = np.log1p(n_likes) / 3.0
+    like_rate = (n_likes + LIKE_RATE_PRIOR_VIEWS * PRIOR_LIKE_RATE) / (
+        n_events - n_likes + LIKE_RATE_PRIOR_VIEWS
+    )
+    out[:, width + 6] = like_rate * 5.0
+    return out
 
 
 # ----------------------------------------------------------------------------- networks
@@ -322,6 +329,63 @@ class TwoTower(nn.Module):
         """Like logits for (user_i, post_i) pairs."""
         users, items = self.encode(batch, post_rows)
         return (users * items).sum(-1) + self.bias
+
+
+# ----------------------------------------------------------------------------- export
+
+
+class _OnnxUserTower(nn.Module):
+    """UserTower with the batch's fields as separate inputs and the history's item encodings given."""
+
+    def __init__(self, users: UserTower):
+        super().__init__()
+        self.users = users
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        *fields, history_items = inputs
+        return self.users(UserBatch(*fields), history_items)
+
+
+ONNX_INPUTS = (
+    "categorical",
+    "numeric",
+    "hist_post",
+    "hist_action",
+    "hist_recency",
+    "hist_mask",
+    "history_items",
+)
+
+
+def user_tower_onnx(model: TwoTower) -> bytes:
+    """The user tower as an ONNX graph (weights inside) for one request: batch 1, the padded history
+    window. The service runs it with ONNX Runtime (inference.py); exporting needs the `onnx` package,
+    which the pipeline has and the service does not."""
+    import io
+    import warnings
+
+    config = model.config
+    width = config.max_history + config.max_likes
+    example = (
+        torch.zeros(1, len(config.user_cardinalities), dtype=torch.long),
+        torch.zeros(1, config.n_user_numeric),
+        *(torch.zeros(1, width, dtype=torch.long) for _ in range(3)),
+        torch.zeros(1, width, dtype=torch.bool),
+        torch.zeros(1, width, config.embed_dim),
+    )
+    graph = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shapes fixed at batch 1
+        torch.onnx.export(
+            _OnnxUserTower(model.users).eval(),
+            example,
+            graph,
+            dynamo=False,
+            input_names=list(ONNX_INPUTS),
+            output_names=["user"],
+            opset_version=17,
+        )
+    return graph.getvalue()
 
 
 # ----------------------------------------------------------------------------- from the model file

@@ -7,9 +7,10 @@ read from the tables since, late ones included. Beside them: users and posts tha
 training, and the post statistics at the latest event. `Recommender.apply(changes)` builds the next
 state and swaps it in with one assignment, so a request reads one whole state, never a half-built one.
 
-Per request: user features + the history strictly before `time` (both layers) -> UserTower -> scores =
-ranking_matrix @ [user, 1] -> drop posts liked before `time` and posts gone from post_text_df -> the top
-`limit` by partial sort, ties to the lower post id. No pandas and no database on this path.
+Per request: user features + the history strictly before `time` (both layers) -> the user tower (ONNX
+Runtime, inference.py) -> scores = ranking_matrix @ [user, 1] -> drop posts liked before `time` and posts
+gone from post_text_df -> the top `limit`, ties to the lower post id. No pandas, no database and no
+per-operation torch dispatch on this path.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 
 from features import (
     ACTION_LIKE,
+    RECENCY_BUCKETS,
     RECENT_DAYS,
     Histories,
     LayeredHistories,
@@ -38,7 +39,8 @@ from features import (
     user_features,
     window_days,
 )
-from model import TwoTower, UserBatch, autoencoder_from_payload, make_user_batch, two_tower_from_payload
+from inference import OnnxUserTower, RequestInputs
+from model import TwoTower, TwoTowerConfig, autoencoder_from_payload, numeric_inputs, two_tower_from_payload
 
 # ----------------------------------------------------------------------------- data structures
 
@@ -149,12 +151,17 @@ class ServingState:
     post_topic: torch.Tensor  # [n_posts]
     live: np.ndarray  # bool per post row: in post_text_df at the last look (only these are recommended)
     post_json: tuple[bytes | None, ...]  # each post's PostGet JSON, None while its text is not in memory
-    ranking_matrix: torch.Tensor  # [n_posts, embed_dim + 1]: item embeddings and the exposure term
+    ranking_matrix: np.ndarray  # float32 [n_posts, embed_dim + 1]: item embeddings and the exposure term
     stats_time: int  # the post statistics hold events before this time (one past the latest)
 
     @property
-    def item_matrix(self) -> torch.Tensor:
+    def item_matrix(self) -> np.ndarray:
         return self.ranking_matrix[:, :-1]
+
+    @property
+    def gone(self) -> np.ndarray:
+        """Post rows no longer in post_text_df (never recommended)."""
+        return _gone(self.live)
 
     def user_row(self, user_id: int) -> int:
         """Row of a user the state knows, -1 otherwise."""
@@ -177,7 +184,7 @@ class ServingState:
 
 
 class Recommender:
-    def __init__(self, model: TwoTower, payload: dict[str, Any]):
+    def __init__(self, model: TwoTower, payload: dict[str, Any], *, threads: int = 1):
         self.model = model.eval()
         self.autoencoder = autoencoder_from_payload(payload)
         self.vocabs: dict[str, list[str]] = payload["vocabs"]
@@ -188,7 +195,7 @@ class Recommender:
         snapshot = self.snapshot
         post_ids = payload["post_ids"].numpy()
         with torch.inference_mode():
-            ranking_matrix = model.ranking_item_matrix().contiguous()
+            ranking_matrix = model.ranking_item_matrix().numpy()
         self.state = ServingState(
             users=snapshot.users,
             user_index=_index(snapshot.users.user_ids),
@@ -204,12 +211,13 @@ class Recommender:
             stats_time=snapshot.end,
         )
         self._apply_lock = threading.Lock()  # one refresh at a time builds on the current state
-        self._user_tower = _trace_user_tower(self.model, self.state)
+        graph = payload["user_tower_onnx"].numpy().tobytes()
+        self._user_tower = OnnxUserTower(graph, model.config, threads=threads)
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], *, threads: int) -> Recommender:
         torch.set_num_threads(threads)
-        return cls(two_tower_from_payload(payload), payload)
+        return cls(two_tower_from_payload(payload), payload, threads=threads)
 
     @property
     def user_ids(self) -> np.ndarray:
@@ -234,15 +242,13 @@ class Recommender:
         """Post rows of the top-`limit` posts for a user at `time`, best first: only posts in
         post_text_df, never one the user liked before `time`, so fewer than `limit` when that few are
         left. `users`/`histories` serve a user the state does not hold (newcomer())."""
-        scores = self.scores(state, user_row, time, users=users, histories=histories).numpy().copy()
+        scores = self.scores(state, user_row, time, users=users, histories=histories)
         histories = state.histories if histories is None else histories
         scores[histories.likes.posts_before(user_row, time)] = -np.inf
-        scores[~state.live] = -np.inf
-        limit = min(limit, len(scores))
-        candidates = np.argpartition(-scores, limit - 1)[:limit]
-        candidates = candidates[np.isfinite(scores[candidates])]
-        order = np.lexsort((state.post_ids[candidates], -scores[candidates]))
-        return candidates[order]
+        scores[state.gone] = -np.inf
+        best = torch.topk(torch.from_numpy(scores), min(limit, len(scores))).indices.numpy()
+        best = best[np.isfinite(scores[best])]
+        return best[np.lexsort((state.post_ids[best], -scores[best]))]
 
     def scores(
         self,
@@ -252,14 +258,13 @@ class Recommender:
         *,
         users: UserFeatures | None = None,
         histories: Histories | LayeredHistories | None = None,
-    ) -> torch.Tensor:
-        """Ranking scores of every post row for one user at `time` (history strictly before it)."""
+    ) -> np.ndarray:
+        """Ranking scores (float32, a new array) of every post row for one user at `time`."""
         users = state.users if users is None else users
         histories = state.histories if histories is None else histories
-        batch = make_user_batch(users, histories, np.array([user_row]), np.array([time]), self.model.config)
-        with torch.inference_mode():
-            user = self._user_tower(*_tensors(batch), state.item_matrix[batch.hist_post])
-            return state.ranking_matrix @ self.model.ranking_user_vector(user[0])
+        inputs = request_inputs(users, histories, user_row, time, self.model.config)
+        user = self._user_tower(inputs, state.item_matrix[inputs.posts])
+        return state.ranking_matrix @ np.append(user, np.float32(1.0))
 
     def newcomer(self, state: ServingState, user: Any) -> tuple[UserFeatures, Histories]:
         """Features and history of a user in user_data that the state does not hold yet (an ORM row or
@@ -348,16 +353,14 @@ class Recommender:
             "post_json": tuple(json_parts),
         }
 
-    def _ranking_matrix(
-        self, posts: dict[str, Any], delta: Histories, at: int, rows: FeedRows
-    ) -> torch.Tensor:
+    def _ranking_matrix(self, posts: dict[str, Any], delta: Histories, at: int, rows: FeedRows) -> np.ndarray:
         """The ranking matrix with every post's statistics at `at`, through the item tower."""
         first = min(self.snapshot.start, int(rows.seconds.min())) if len(rows) else self.snapshot.start
         stats = post_statistics_at(self.snapshot, delta, len(posts["post_ids"]), at=at, first=first)
         mean, std = self.stats_scaler
         scaled = torch.from_numpy(((stats - mean) / std).astype(np.float32))
         with torch.inference_mode():
-            return self.model.ranking_rows(posts["post_text"], posts["post_topic"], scaled).contiguous()
+            return self.model.ranking_rows(posts["post_text"], posts["post_topic"], scaled).numpy()
 
 
 def post_statistics_at(
@@ -401,6 +404,10 @@ def _rows_of(index: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> np.ndarra
     return np.where(positions >= 0, order[np.maximum(positions, 0)], -1) if len(order) else positions
 
 
+def _gone(live: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(~live)
+
+
 def _concat_users(users: UserFeatures, more: UserFeatures) -> UserFeatures:
     return UserFeatures(
         *(
@@ -424,41 +431,33 @@ def _delta_histories(
     )
 
 
-class _UserTower(torch.nn.Module):
-    """UserTower on a request's inputs and the item encodings of its history: one network call."""
-
-    def __init__(self, model: TwoTower):
-        super().__init__()
-        self.users = model.users
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        *batch, history_items = inputs
-        return self.users(UserBatch(*batch), history_items)
-
-
-def _tensors(batch: UserBatch) -> tuple[torch.Tensor, ...]:
-    return tuple(getattr(batch, field.name) for field in dataclasses.fields(batch))
-
-
-def _trace_user_tower(model: TwoTower, state: ServingState) -> torch.nn.Module:
-    """The user tower as a frozen TorchScript graph for one (user, time): less Python per request.
-
-    Traced for batches of one, the only size scores() sends; the item encodings are an input, so a
-    refresh that changes them needs no new trace. If tracing fails (an unusual torch build), the eager
-    module serves: same numbers, a little slower.
-    """
-    eager = _UserTower(model).eval()
-    if len(state.users.user_ids) == 0:
-        return eager
-    batch = make_user_batch(state.users, state.histories, np.array([0]), np.array([2**31]), model.config)
-    example = (*_tensors(batch), state.item_matrix[batch.hist_post])
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(eager, example, check_trace=False)
-            traced = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-            if not torch.allclose(traced(*example), eager(*example), atol=1e-5):
-                return eager
-    except Exception:  # tracing is an optimisation only
-        return eager
-    return traced
+def request_inputs(
+    users: UserFeatures,
+    histories: Histories | LayeredHistories,
+    user_row: int,
+    time: int,
+    config: TwoTowerConfig,
+) -> RequestInputs:
+    """The user tower's inputs for one (user, time): what model.make_user_batch gathers for a batch,
+    for one request and without padding (a test holds the two equal)."""
+    times, posts, actions, n_events, n_likes = histories.recent(user_row, time, config.max_history)
+    slots = config.max_history - len(times) + np.arange(len(times))
+    if config.max_likes and histories.likes is not None:
+        like_times, like_posts, like_actions, _, _ = histories.likes.recent(user_row, time, config.max_likes)
+        end = config.max_history + config.max_likes
+        slots = np.concatenate([slots, end - len(like_times) + np.arange(len(like_times))])
+        times, posts, actions = (
+            np.concatenate(pair)
+            for pair in ((times, like_times), (posts, like_posts), (actions, like_actions))
+        )
+    numeric = numeric_inputs(
+        users.numeric[user_row : user_row + 1], np.array([time]), np.array([n_events]), np.array([n_likes])
+    )
+    return RequestInputs(
+        categorical=users.categorical[user_row],
+        numeric=numeric[0],
+        posts=posts.astype(np.int64),
+        actions=actions.astype(np.int64),
+        recency=np.searchsorted(RECENCY_BUCKETS, time - times, side="right"),
+        slots=slots,
+    )

@@ -272,3 +272,44 @@ def test_the_time_pattern_accepts_exactly_what_parse_time_accepts():
         valid = hms[:2] != "24" and "60" not in hms and len(hms) == 8
         assert bool(pattern.fullmatch(f"2021-06-15 {hms}")) == valid, hms
     assert not pattern.fullmatch("0000-01-01 00:00:00") and not pattern.fullmatch("2021-06-15T12:00:00")
+
+
+def test_the_request_path_computes_the_user_tower_of_training(tiny_model, tiny_tables):
+    """request_inputs + the ONNX user tower == make_user_batch + model.UserTower, request by request,
+    also with a delta of late rows and a user whom only the delta knows."""
+    from features import LayeredHistories, UserFeatures, histories_from_rows, lookup
+    from serving import Recommender, request_inputs
+
+    recommender = Recommender.from_payload(load_model_file(tiny_model.model_path), threads=1)
+    model, state = recommender.model, recommender.state
+    feed = tiny_tables[2]
+    rng = np.random.default_rng(5)
+    late = feed.sample(300, random_state=5)
+    seconds = to_seconds(late["timestamp"]) - rng.integers(0, 86400, len(late))
+    n_known = len(state.users.user_ids)
+    user_rows = lookup(state.users.user_ids, late["user_id"].to_numpy())
+    user_rows[:40] = n_known  # the newcomer's row
+    delta = histories_from_rows(
+        user_rows,
+        lookup(state.post_ids, late["post_id"].to_numpy()),
+        seconds,
+        (late["action"] == "like").to_numpy(),
+        n_known + 1,
+    )
+    histories = LayeredHistories(state.histories.base, delta)
+    known = state.users
+    users = UserFeatures(
+        np.append(known.user_ids, -1),
+        np.vstack([known.categorical, known.categorical[:1]]),
+        np.vstack([known.numeric, known.numeric[:1]]),
+    )
+    rows = np.append(rng.integers(0, n_known + 1, 150), np.full(10, n_known))
+    times = rng.integers(recommender.snapshot.start, recommender.snapshot.end + 86400, len(rows))
+    items = torch.from_numpy(state.item_matrix)
+    for row, moment in zip(rows, times, strict=True):
+        inputs = request_inputs(users, histories, int(row), int(moment), model.config)
+        got = recommender._user_tower(inputs, state.item_matrix[inputs.posts])
+        batch = make_user_batch(users, histories, np.array([row]), np.array([moment]), model.config)
+        with torch.inference_mode():
+            expected = model.users(batch, items[batch.hist_post])[0].numpy()
+        np.testing.assert_allclose(got, expected, atol=2e-5, err_msg=f"row {row} at {moment}")
