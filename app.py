@@ -137,7 +137,9 @@ def load_recommender(settings: Settings) -> Recommender | None:
         log.warning("%s; /post/recommendations answers 503 until a model file exists", exc)
         return None
     recommender = Recommender.from_payload(
-        load_model_file(path, sha256=sha256, mmap=True), threads=settings.torch_threads
+        load_model_file(path, sha256=sha256, mmap=True),
+        threads=settings.torch_threads,
+        faiss_min_posts=settings.faiss_min_posts,
     )
     log.info(
         "model %s loaded: %d users, %d posts", path, len(recommender.user_ids), len(recommender.post_ids)

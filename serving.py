@@ -105,8 +105,8 @@ class Snapshot:
     feed_rows: int  # rows of feed_data the training read
     views: np.ndarray  # per snapshot post row, over the whole snapshot
     likes: np.ndarray
-    recent: tuple[np.ndarray, np.ndarray, np.ndarray]  # time-sorted (seconds, post row, is like) of the
-    # events in the snapshot's last RECENT_DAYS: the recent-window statistics for any later time
+    recent: np.ndarray  # int32: the snapshot's events of its last RECENT_DAYS, in time order (indices
+    # into histories): the recent-window statistics at any later time
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Snapshot:
@@ -123,8 +123,7 @@ class Snapshot:
         is_like = histories.ev_action == ACTION_LIKE
         likes = np.bincount(histories.ev_post, weights=is_like, minlength=n_posts).astype(np.int64)
         views = np.bincount(histories.ev_post, minlength=n_posts) - likes
-        recent = np.flatnonzero(histories.ev_time >= end - RECENT_DAYS * 86400)
-        order = recent[np.argsort(histories.ev_time[recent], kind="stable")]
+        recent = np.flatnonzero(histories.ev_time >= end - RECENT_DAYS * 86400).astype(np.int32)
         return cls(
             users=users,
             histories=histories,
@@ -133,7 +132,7 @@ class Snapshot:
             feed_rows=int(serving["feed_rows"]),
             views=views,
             likes=likes,
-            recent=(histories.ev_time[order], histories.ev_post[order].astype(np.int64), is_like[order]),
+            recent=recent[np.argsort(histories.ev_time[recent], kind="stable")],
         )
 
 
@@ -152,6 +151,7 @@ class ServingState:
     live: np.ndarray  # bool per post row: in post_text_df at the last look (only these are recommended)
     post_json: tuple[bytes | None, ...]  # each post's PostGet JSON, None while its text is not in memory
     ranking_matrix: np.ndarray  # float32 [n_posts, embed_dim + 1]: item embeddings and the exposure term
+    search: ExactSearch | FaissSearch  # top-k over the ranking matrix
     stats_time: int  # the post statistics hold events before this time (one past the latest)
 
     @property
@@ -180,11 +180,78 @@ class ServingState:
         return self.post_ids[[part is None for part in self.post_json]]
 
 
+class ExactSearch:
+    """Top-k by one product with the whole ranking matrix: exact, and the fastest up to large catalogues."""
+
+    def __init__(self, matrix: np.ndarray):
+        self.matrix = matrix
+
+    def top(self, query: np.ndarray, k: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, scores) of the k best rows for `query` outside `excluded`, best first (fewer when
+        fewer are left)."""
+        scores = self.matrix @ query
+        scores[excluded] = -np.inf
+        best = torch.topk(torch.from_numpy(scores), min(k, len(scores))).indices.numpy()
+        best = best[np.isfinite(scores[best])]
+        return best, scores[best]
+
+
+class FaissSearch:
+    """Top-k through a FAISS inverted-file index (inner product over the same vectors, so the scores
+    are the exact ones of the rows it returns), for catalogues where a full product is slow. It asks
+    for more than k, enough to cover the exclusions, and asks again for more when too few are left."""
+
+    def __init__(self, matrix: np.ndarray, *, threads: int, previous: FaissSearch | None = None):
+        import faiss  # only for large catalogues: the service starts without it otherwise
+
+        faiss.omp_set_num_threads(threads)
+        n, width = matrix.shape
+        if previous is not None and previous.trained_for * 2 >= n:  # a refresh: keep the lists' centroids
+            self.empty, self.trained_for = previous.empty, previous.trained_for
+        else:
+            lists = max(int(4 * np.sqrt(n)), 1)
+            self.empty = faiss.IndexIVFFlat(
+                faiss.IndexFlatIP(width), width, lists, faiss.METRIC_INNER_PRODUCT
+            )
+            sample = np.random.default_rng(0).choice(n, min(n, 64 * lists), replace=False)
+            self.empty.train(np.ascontiguousarray(matrix[np.sort(sample)]))
+            self.empty.nprobe = max(lists // 32, min(lists, 48))  # 3% of the lists, at least 48
+            self.trained_for = n
+        self.index = faiss.clone_index(self.empty)
+        self.index.nprobe = self.empty.nprobe
+        self.index.add(np.ascontiguousarray(matrix))
+        self.n = n
+
+    def top(self, query: np.ndarray, k: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        wanted = k + len(excluded)
+        while True:
+            scores, rows = self.index.search(query[None, :].astype(np.float32), min(wanted, self.n))
+            rows, scores = rows[0], scores[0]
+            keep = (rows >= 0) & ~np.isin(rows, excluded)
+            if keep.sum() >= k or wanted >= self.n or (rows < 0).any():
+                return rows[keep][:k], scores[keep][:k]
+            wanted *= 4
+
+
+def make_search(
+    matrix: np.ndarray, *, faiss_min_posts: int, threads: int, previous: object = None
+) -> ExactSearch | FaissSearch:
+    """The exact product below faiss_min_posts posts (settings.FAISS_MIN_POSTS), FAISS at and above;
+    a FAISS index built before (`previous`) lends its trained lists."""
+    if len(matrix) < faiss_min_posts:
+        return ExactSearch(matrix)
+    earlier = previous if isinstance(previous, FaissSearch) else None
+    return FaissSearch(matrix, threads=threads, previous=earlier)
+
+
 # ----------------------------------------------------------------------------- the recommender
 
 
 class Recommender:
-    def __init__(self, model: TwoTower, payload: dict[str, Any], *, threads: int = 1):
+    def __init__(
+        self, model: TwoTower, payload: dict[str, Any], *, threads: int = 1, faiss_min_posts: int = 50_000
+    ):
+        self.threads, self.faiss_min_posts = threads, faiss_min_posts
         self.model = model.eval()
         self.autoencoder = autoencoder_from_payload(payload)
         self.vocabs: dict[str, list[str]] = payload["vocabs"]
@@ -208,6 +275,7 @@ class Recommender:
             live=np.ones(len(post_ids), dtype=bool),
             post_json=(None,) * len(post_ids),
             ranking_matrix=ranking_matrix,
+            search=make_search(ranking_matrix, faiss_min_posts=faiss_min_posts, threads=threads),
             stats_time=snapshot.end,
         )
         self._apply_lock = threading.Lock()  # one refresh at a time builds on the current state
@@ -215,9 +283,11 @@ class Recommender:
         self._user_tower = OnnxUserTower(graph, model.config, threads=threads)
 
     @classmethod
-    def from_payload(cls, payload: dict[str, Any], *, threads: int) -> Recommender:
+    def from_payload(
+        cls, payload: dict[str, Any], *, threads: int, faiss_min_posts: int = 50_000
+    ) -> Recommender:
         torch.set_num_threads(threads)
-        return cls(two_tower_from_payload(payload), payload, threads=threads)
+        return cls(two_tower_from_payload(payload), payload, threads=threads, faiss_min_posts=faiss_min_posts)
 
     @property
     def user_ids(self) -> np.ndarray:
@@ -242,13 +312,11 @@ class Recommender:
         """Post rows of the top-`limit` posts for a user at `time`, best first: only posts in
         post_text_df, never one the user liked before `time`, so fewer than `limit` when that few are
         left. `users`/`histories` serve a user the state does not hold (newcomer())."""
-        scores = self.scores(state, user_row, time, users=users, histories=histories)
+        query = self.query(state, user_row, time, users=users, histories=histories)
         histories = state.histories if histories is None else histories
-        scores[histories.likes.posts_before(user_row, time)] = -np.inf
-        scores[state.gone] = -np.inf
-        best = torch.topk(torch.from_numpy(scores), min(limit, len(scores))).indices.numpy()
-        best = best[np.isfinite(scores[best])]
-        return best[np.lexsort((state.post_ids[best], -scores[best]))]
+        excluded = np.concatenate([histories.likes.posts_before(user_row, time), state.gone])
+        rows, scores = state.search.top(query, limit, excluded)
+        return rows[np.lexsort((state.post_ids[rows], -scores))]
 
     def scores(
         self,
@@ -260,11 +328,23 @@ class Recommender:
         histories: Histories | LayeredHistories | None = None,
     ) -> np.ndarray:
         """Ranking scores (float32, a new array) of every post row for one user at `time`."""
+        return state.ranking_matrix @ self.query(state, user_row, time, users=users, histories=histories)
+
+    def query(
+        self,
+        state: ServingState,
+        user_row: int,
+        time: int,
+        *,
+        users: UserFeatures | None = None,
+        histories: Histories | LayeredHistories | None = None,
+    ) -> np.ndarray:
+        """[user embedding, 1]: ranking_matrix @ query is every post's ranking score."""
         users = state.users if users is None else users
         histories = state.histories if histories is None else histories
         inputs = request_inputs(users, histories, user_row, time, self.model.config)
         user = self._user_tower(inputs, state.item_matrix[inputs.posts])
-        return state.ranking_matrix @ np.append(user, np.float32(1.0))
+        return np.append(user, np.float32(1.0))
 
     def newcomer(self, state: ServingState, user: Any) -> tuple[UserFeatures, Histories]:
         """Features and history of a user in user_data that the state does not hold yet (an ORM row or
@@ -303,6 +383,14 @@ class Recommender:
                 histories = LayeredHistories(self.snapshot.histories, delta)
                 stats_time = max(state.stats_time, int(rows.seconds.max()) + 1 if len(rows) else 0)
                 ranking_matrix = self._ranking_matrix(posts, delta, stats_time, rows)
+            search = state.search
+            if ranking_matrix is not state.ranking_matrix:
+                search = make_search(
+                    ranking_matrix,
+                    faiss_min_posts=self.faiss_min_posts,
+                    threads=self.threads,
+                    previous=search,
+                )
             self.state = dataclasses.replace(
                 state,
                 users=users,
@@ -310,6 +398,7 @@ class Recommender:
                 histories=histories,
                 rows=rows,
                 ranking_matrix=ranking_matrix,
+                search=search,
                 stats_time=stats_time,
                 **posts,
             )
@@ -372,10 +461,14 @@ def post_statistics_at(
     n_snapshot = len(snapshot.views)
     views[:n_snapshot] += snapshot.views
     likes[:n_snapshot] += snapshot.likes
-    seconds, post_rows, is_like = snapshot.recent
-    recent = slice(np.searchsorted(seconds, at - RECENT_DAYS * 86400), np.searchsorted(seconds, at))
-    recent_views += np.bincount(post_rows[recent][~is_like[recent]], minlength=n_posts)
-    recent_likes += np.bincount(post_rows[recent][is_like[recent]], minlength=n_posts)
+    seconds = snapshot.histories.ev_time[snapshot.recent]
+    window = snapshot.recent[
+        np.searchsorted(seconds, at - RECENT_DAYS * 86400) : np.searchsorted(seconds, at)
+    ]
+    post_rows = snapshot.histories.ev_post[window]
+    is_like = snapshot.histories.ev_action[window] == ACTION_LIKE
+    recent_views += np.bincount(post_rows[~is_like], minlength=n_posts)
+    recent_likes += np.bincount(post_rows[is_like], minlength=n_posts)
     delta_like = delta.ev_action == ACTION_LIKE
     delta_recent = (delta.ev_time >= at - RECENT_DAYS * 86400) & (delta.ev_time < at)
     for counts, keep in (

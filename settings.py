@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     refresh_lookback_seconds: int = Field(7200, ge=0)  # how late a feed row may arrive and still be read
     # within one refresh (older ones come later, through the day-by-day audit)
     torch_threads: int = Field(1, ge=1)  # intra-op threads per service worker
+    faiss_min_posts: int = Field(50_000, ge=1)  # from this many posts on, top-k goes through a FAISS index
 
     @model_validator(mode="after")
     def _checksum_with_url(self) -> Settings:

@@ -13,7 +13,8 @@ Steps:
   (a) in-process: Recommender.recommend(state, row, time, limit) for random known users at random times in
      the data window, after a warm-up (and the endpoint's whole in-memory path beside it). A tight
      loop keeps the CPU caches warm, so these figures are a floor for the per-request compute.
-  (b) HTTP: `uvicorn app:app --workers 1` (access log on, as by default) on a free 127.0.0.1 port;
+  (b) HTTP: the container's server, `gunicorn app:app` (gunicorn.conf.py: uvicorn workers, the app
+     preloaded in the master, access log on) with one worker on a free 127.0.0.1 port;
      /post/recommendations/, the liveness endpoint /health/live (the framework's floor: it touches
      neither database nor model) and the readiness /health, in the same run, sequentially
      (concurrency 1: latency) and at concurrency 16 (throughput), each for a fixed duration. The load
@@ -24,8 +25,9 @@ Steps:
   (c) startup: from spawning uvicorn to the first 200 on /health with the model loaded; memory after
      the load: VmRSS and PSS (proportional set size, /proc/PID/smaps_rollup) summed over the
      server's processes.
-  (d) `uvicorn --workers 2`: recommendations at concurrency 16, and the PSS of both workers (the
-     snapshot is memory-mapped from the model file, so a second worker adds only its private part).
+  (d) two workers: recommendations at concurrency 16, and the PSS of the master and both workers (the
+     libraries are shared from the preloading master, the snapshot is memory-mapped from the model
+     file, so a second worker adds only its private part).
 
 A PostgreSQL database that does not exist yet is created (the server must be reachable); --database-url
 may also be a sqlite:/// URL. To A/B a change of app.py or serving.py without touching them, put edited
@@ -354,12 +356,12 @@ def start_server(
     workers: int = 1,
     timeout_s: float = 300.0,
 ) -> tuple[subprocess.Popen, float]:
-    """Spawn `uvicorn app:app --workers N`; returns it and the seconds until /health said ready."""
+    """Spawn the container's server, `gunicorn app:app` (gunicorn.conf.py: uvicorn workers, preload) with
+    N workers; returns it and the seconds until /health said ready."""
     command = [
-        sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
-        "--workers", str(workers),
-        *([] if access_log else ["--no-access-log"]),
-        *(["--app-dir", str(app_dir)] if app_dir else []),
+        sys.executable, "-m", "gunicorn", app, "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+        *([] if access_log else ["--access-logfile", "/dev/null"]),
+        *(["--pythonpath", str(app_dir)] if app_dir else []),
     ]  # fmt: skip
     log(f"$ {' '.join(command)}  (log: {log_path})")
     handle = open(log_path, "wb")  # noqa: SIM115  (the server writes into it until it stops)
@@ -560,9 +562,15 @@ def run_python_client(
 
 
 def measure_http(
-    *, port: int, server_pid: int, client: str, plan: list[tuple[str, list[str], int, float]]
+    *,
+    port: int,
+    server_pid: int,
+    client: str,
+    plan: list[tuple[str, list[str], int, float]],
+    memory_after: str,
 ) -> dict[str, dict]:
-    """Warm-up, then each (name, paths, concurrency, seconds) of `plan` against one running server."""
+    """Warm-up, then each (name, paths, concurrency, seconds) of `plan` against one running server; the
+    server's memory is read right after the step `memory_after` (results["memory"])."""
     run = run_wrk if client == "wrk" else run_python_client
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
@@ -585,6 +593,8 @@ def measure_http(
             if result["errors"] or result["non_2xx"]:
                 raise RuntimeError(f"http {name}: {result['errors']} errors, {result['non_2xx']} non-2xx")
             results[name] = result
+            if name == memory_after:  # the same point of the load in every configuration
+                results["memory"] = memory_mb(server_pid)
     return results
 
 
@@ -713,7 +723,7 @@ def run_benchmark(
         server, startup[workers] = start_server(
             env=env,
             port=port,
-            log_path=data_dir / f"uvicorn_w{workers}.log",
+            log_path=data_dir / f"server_w{workers}.log",
             app=app,
             app_dir=app_dir,
             access_log=access_log,
@@ -721,9 +731,11 @@ def run_benchmark(
         )
         try:
             log(f"{workers} worker(s): startup {startup[workers]:.2f} s, memory {memory_mb(server.pid)}")
-            http[workers] = measure_http(port=port, server_pid=server.pid, client=client, plan=plan)
-            memory[workers] = memory_mb(server.pid)
-            log(f"{workers} worker(s): memory after the load {memory[workers]}")
+            http[workers] = measure_http(
+                port=port, server_pid=server.pid, client=client, plan=plan, memory_after=f"rec_{high}"
+            )
+            memory[workers] = http[workers].pop("memory")
+            log(f"{workers} worker(s): memory after the recommendations at c{concurrency}: {memory[workers]}")
         finally:
             stop_server(server)
 
@@ -796,9 +808,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-access-log",
         action="store_true",
-        help="turn off uvicorn's access log (on by default, as in production)",
+        help="send the access log to /dev/null (on by default, as in production)",
     )
-    parser.add_argument("--app", default="app:app", help="uvicorn's APP, to A/B a variant (default: app:app)")
+    parser.add_argument(
+        "--app", default="app:app", help="the server's APP, to A/B a variant (default: app:app)"
+    )
     parser.add_argument("--app-dir", type=Path, help="folder of variant modules (app.py, serving.py, ...)")
     parser.add_argument("--profile", action="store_true", help="cProfile the in-process path (stderr)")
     parser.add_argument("--check", action="store_true", help="exit with 1 when a target is missed")

@@ -15,6 +15,7 @@ import features
 import get_post_embeddings
 import learn_model
 import main_script
+import serving
 from model import TwoTowerConfig
 from settings import OBJECTIVES, SCALE_NAMES, Settings, describe
 
@@ -101,6 +102,8 @@ MIRRORED = [
     (TwoTowerConfig, "text_dim", "text_dim"),
     (TwoTowerConfig, "max_history", "max_history"),
     (demo_data.generate, "seed", "seed"),
+    (serving.Recommender.from_payload, "faiss_min_posts", "faiss_min_posts"),
+    (serving.Recommender, "faiss_min_posts", "faiss_min_posts"),
 ]
 
 
