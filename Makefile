@@ -35,7 +35,8 @@ fuzz: $(VENV)/.dev  ## Schemathesis, every check, against the service `make run`
 	$(VENV)/bin/schemathesis run http://127.0.0.1:$(PORT)/openapi.json --checks all \
 		--phases examples,coverage,fuzzing
 
-bench: $(VENV)/.dev
+bench: $(VENV)/.dev  ## the serving benchmark on the full demo in PostgreSQL (builds it on first use)
+	@command -v wrk >/dev/null || echo "wrk not found: the bench uses its Python client; apt-get install wrk for the reference figures"
 	$(PY) bench/serve.py
 
 container-check: $(VENV)/.runtime  ## build the image on a local Debian base (podman), run it on the demo, ask it

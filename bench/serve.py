@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -389,12 +390,16 @@ def start_server(
 
 
 def stop_server(server: subprocess.Popen, *, timeout_s: float = 15.0) -> None:
+    """SIGTERM (gunicorn's graceful stop: the workers finish and exit), then SIGKILL to the whole tree."""
     if server.poll() is None:
-        server.send_signal(signal.SIGINT)
+        members = process_tree(server.pid)
+        server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            server.kill()
+            for pid in members:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             server.wait(timeout=timeout_s)
 
 
