@@ -1,17 +1,27 @@
 """Training the networks of model.py: the text autoencoder, the two-tower losses and training loop, the
 pointwise metrics the loop monitors. The service never imports this module.
+
+Under torchrun (several processes, torch.distributed initialised) the loop is DistributedDataParallel:
+every rank draws the same global batches (one seed) and takes its share of each; the in-batch softmax
+gathers every rank's item vectors (torch.distributed.nn.functional.all_gather, which carries gradients
+back), so its negatives are the whole global batch; each loss is scaled so that the ranks' averaged
+gradients equal the gradient of one process on the whole batch (a test holds them equal).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from features import Histories, Interactions, UserFeatures
@@ -101,6 +111,35 @@ def train_autoencoder(
 # ----------------------------------------------------------------------------- two towers
 
 
+def world() -> tuple[int, int]:
+    """(rank, number of ranks) of this training process: (0, 1) unless torchrun started several."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_columns(items: torch.Tensor, posts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(every rank's item vectors, their post rows, where this rank's start): the in-batch softmax's
+    columns. The vectors keep their gradients back to the rank that computed them."""
+    rank, size = world()
+    if size == 1:
+        return items, posts, 0
+    columns = torch.cat(dist_nn.all_gather(items))
+    gathered = [torch.empty_like(posts) for _ in range(size)]
+    dist.all_gather(gathered, posts)
+    return columns, torch.cat(gathered), rank * len(posts)
+
+
+def softmax_scale(n_rows: int) -> float:
+    """Turns a sum of cross-entropies over this rank's rows into its share of the global mean: with
+    DDP's average over ranks, the gradient is that of one process over every rank's rows."""
+    _, size = world()
+    total = torch.tensor(float(n_rows))
+    if size > 1:
+        dist.all_reduce(total)
+    return size / max(float(total), 1.0)
+
+
 def bce_loss(model: TwoTower, batch: UserBatch, posts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The seed's objective: pointwise binary cross-entropy on views and their like targets."""
     return F.binary_cross_entropy_with_logits(model(batch, posts), labels)
@@ -115,10 +154,14 @@ def sampled_softmax_loss(
     negatives); accidental hits (the same post as another row's positive) are masked out.
     """
     users, items = model.encode(batch, posts)
-    logits = users @ items.T + (model.exposure_scores(posts) - log_q[posts])[None, :]
-    same_post = posts[None, :] == posts[:, None]
-    logits = logits.masked_fill(same_post & ~torch.eye(len(posts), dtype=torch.bool), float("-inf"))
-    return F.cross_entropy(logits, torch.arange(len(posts)))
+    columns, column_posts, offset = gather_columns(items, posts)
+    logits = users @ columns.T + (model.exposure_scores(column_posts) - log_q[column_posts])[None, :]
+    own = offset + torch.arange(len(posts), device=posts.device)
+    hits = (column_posts[None, :] == posts[:, None]) & (
+        torch.arange(len(column_posts), device=posts.device) != own[:, None]
+    )
+    logits = logits.masked_fill(hits, float("-inf"))
+    return F.cross_entropy(logits, own, reduction="sum") * softmax_scale(len(posts))
 
 
 def joint_loss(
@@ -139,20 +182,44 @@ def joint_loss(
     """
     users, items = model.encode(batch, posts)
     bce = F.binary_cross_entropy_with_logits((users * items).sum(-1) + model.bias, labels)
+    columns, column_posts, offset = gather_columns(items, posts)  # every rank gathers, liked rows or not
     liked = torch.nonzero(labels > 0.5).squeeze(-1)
-    if len(liked) == 0:
-        return bce
-    scores = users[liked] @ items.T + (model.exposure_scores(posts) - log_q[posts])[None, :]
-    same_post = posts[None, :] == posts[liked][:, None]
-    own_column = torch.zeros_like(same_post)
-    own_column[torch.arange(len(liked)), liked] = True
-    scores = scores.masked_fill(same_post & ~own_column, float("-inf"))
-    return bce + softmax_weight * F.cross_entropy(scores, liked)
+    scores = users[liked] @ columns.T + (model.exposure_scores(column_posts) - log_q[column_posts])[None, :]
+    own = offset + liked
+    hits = (column_posts[None, :] == posts[liked][:, None]) & (
+        torch.arange(len(column_posts), device=posts.device) != own[:, None]
+    )
+    scores = scores.masked_fill(hits, float("-inf"))
+    softmax = F.cross_entropy(scores, own, reduction="sum") * softmax_scale(len(liked))
+    return bce + softmax_weight * softmax
 
 
 def post_log_frequency(post_rows: np.ndarray, n_posts: int) -> torch.Tensor:
     counts = np.bincount(post_rows, minlength=n_posts).astype(np.float64) + 1.0
     return torch.from_numpy(np.log(counts / counts.sum())).float()
+
+
+class TrainingStep(nn.Module):
+    """One step's loss as a module's forward, so that DistributedDataParallel can wrap it: DDP syncs the
+    gradients of what its forward used."""
+
+    def __init__(self, model: TwoTower, objective: str, log_q: torch.Tensor, softmax_weight: float):
+        super().__init__()
+        self.model, self.objective, self.softmax_weight = model, objective, softmax_weight
+        self.register_buffer("log_q", log_q)
+
+    def forward(self, batch: UserBatch, posts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.objective == "joint":
+            return joint_loss(
+                self.model, batch, posts, labels, self.log_q, softmax_weight=self.softmax_weight
+            )
+        if self.objective == "bce":
+            return bce_loss(self.model, batch, posts, labels)
+        return self.softmax_weight * sampled_softmax_loss(self.model, batch, posts, self.log_q)
+
+
+def to_device(batch: UserBatch, device: torch.device) -> UserBatch:
+    return UserBatch(*(getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)))
 
 
 @torch.inference_mode()
@@ -166,11 +233,13 @@ def predict(
 ) -> np.ndarray:
     """Like logits for every sample (eval mode)."""
     model.eval()
+    device = model.bias.device
     out = np.empty(len(samples), dtype=np.float32)
     for start in range(0, len(samples), batch_size):
         part = slice(start, start + batch_size)
         batch = make_user_batch(users, histories, samples.user_rows[part], samples.times[part], model.config)
-        out[part] = model(batch, torch.from_numpy(samples.post_rows[part])).numpy()
+        posts = torch.from_numpy(samples.post_rows[part]).to(device)
+        out[part] = model(to_device(batch, device), posts).cpu().numpy()
     return out
 
 
@@ -187,11 +256,13 @@ def pointwise_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
-    """Endless shuffled index batches over range(n) (a fresh permutation per pass)."""
+    """Endless shuffled index batches over range(n) (a fresh permutation per pass); under torchrun every
+    rank draws the same batch (one seed) and keeps its share of it."""
+    rank, size = world()
     while True:
         order = rng.permutation(n)
         for start in range(0, n - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
+            yield order[start : start + batch_size][rank::size]
 
 
 def train_two_tower(
@@ -208,69 +279,65 @@ def train_two_tower(
     batch_size: int,
     lr: float,
     seed: int,
+    device: torch.device | str = "cpu",
     weight_decay: float = 1e-5,
     softmax_weight: float = 1.0,
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Train in place; returns one row per epoch (loss, speed, train/test pointwise metrics).
+    """Train in place on `device`; returns one row per epoch (loss, speed, train/test pointwise metrics).
+    The model ends on the CPU, in eval mode.
 
     objective "bce": pointwise on `views` (with their like targets), an epoch is a pass over them.
     "softmax": in-batch sampled softmax on `likes`, an epoch is a pass over them.
     "joint": both losses on each batch of views (joint_loss), an epoch is a pass over the views; the
     ranking score then adds the model's exposure term (TwoTowerConfig.exposure_head).
-    monitor_train / monitor_test are views whose ROC-AUC, accuracy and log-loss are logged each epoch.
+    monitor_train / monitor_test are views whose ROC-AUC, accuracy and log-loss are logged each epoch
+    (by rank 0 alone under torchrun). batch_size is the global batch: each of N ranks trains on 1/N.
     """
     assert objective in OBJECTIVES, f"unknown objective {objective!r}, expected one of {OBJECTIVES}"
-    uses_views, uses_likes = objective in ("bce", "joint"), objective == "softmax"
-    assert not uses_views or (views is not None and len(views) > 0), f"objective {objective!r} needs views"
-    assert not uses_likes or (likes is not None and len(likes) >= batch_size), (
-        f"objective {objective!r} needs at least batch_size={batch_size} likes"
+    rank, size = world()
+    assert batch_size % size == 0, f"batch_size {batch_size} must divide among the {size} ranks"
+    uses_views = objective in ("bce", "joint")
+    main = views if uses_views else likes
+    assert main is not None and len(main) >= batch_size, (
+        f"objective {objective!r} needs at least batch_size={batch_size} {'views' if uses_views else 'likes'}"
     )
+    device = torch.device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    model.to(device)
+    step = TrainingStep(
+        model, objective, post_log_frequency(main.post_rows, model.config.n_posts), softmax_weight
+    )
+    step.to(device)
+    loss_of = DistributedDataParallel(step) if size > 1 else step
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    main = views if uses_views else likes
-    steps_per_epoch = max(len(main) // batch_size, 1)
+    steps_per_epoch = len(main) // batch_size  # the same on every rank: the schedule counts global steps
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1
     )
-    if uses_likes:
-        log_q = post_log_frequency(likes.post_rows, model.config.n_posts)
-    else:
-        log_q = post_log_frequency(views.post_rows, model.config.n_posts)
-    view_batches = _batches(len(views), min(batch_size, len(views)), rng) if uses_views else None
-    like_batches = _batches(len(likes), batch_size, rng) if uses_likes else None
+    batches = _batches(len(main), batch_size, rng)
     history: list[dict[str, float]] = []
     for epoch in range(1, epochs + 1):
         model.train()
         started, total_loss = time.perf_counter(), 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
-        for step in bar:
-            loss = torch.zeros(())
-            if view_batches is not None:
-                part = views.subset(next(view_batches))
-                batch = make_user_batch(users, histories, part.user_rows, part.times, model.config)
-                posts, labels = torch.from_numpy(part.post_rows), torch.from_numpy(part.labels)
-                if objective == "joint":
-                    loss = loss + joint_loss(
-                        model, batch, posts, labels, log_q, softmax_weight=softmax_weight
-                    )
-                else:
-                    loss = loss + bce_loss(model, batch, posts, labels)
-            if like_batches is not None:
-                part = likes.subset(next(like_batches))
-                batch = make_user_batch(users, histories, part.user_rows, part.times, model.config)
-                loss = loss + softmax_weight * sampled_softmax_loss(
-                    model, batch, torch.from_numpy(part.post_rows), log_q
-                )
+        show = progress and rank == 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{epochs}", disable=not show, leave=False)
+        for step_number in bar:
+            part = main.subset(next(batches))
+            batch = to_device(
+                make_user_batch(users, histories, part.user_rows, part.times, model.config), device
+            )
+            posts, labels = (torch.from_numpy(a).to(device) for a in (part.post_rows, part.labels))
+            loss = loss_of(batch, posts, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimizer.step()
             scheduler.step()
             total_loss += loss.item()
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{total_loss / (step + 1):.4f}")
+            if step_number % 20 == 0:
+                bar.set_postfix(loss=f"{total_loss / (step_number + 1):.4f}")
         seconds = time.perf_counter() - started
         row = {
             "epoch": epoch,
@@ -279,14 +346,15 @@ def train_two_tower(
             "samples_per_s": steps_per_epoch * batch_size / seconds,
         }
         for name, samples in (("train", monitor_train), ("test", monitor_test)):
-            if samples is not None and len(samples):
+            if rank == 0 and samples is not None and len(samples):
                 logits = predict(model, users, histories, samples)
                 row |= {
                     f"{name}_{key}": value for key, value in pointwise_metrics(samples.labels, logits).items()
                 }
         history.append(row)
-        if progress:
+        if show:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch",))
             tqdm.write(f"epoch {epoch}/{epochs}: {shown}")
+    model.cpu()
     model.eval()
     return history

@@ -3,6 +3,8 @@
 `python main_script.py` runs every stage from the settings (.env / environment): embed the post texts,
 compress them with the autoencoder, build histories, train, evaluate, and write the model file the
 service loads. Each stage is also a subcommand; `python main_script.py SUBCOMMAND --help` explains it.
+`torchrun --nproc_per_node=N main_script.py train` (or `all`) trains with DistributedDataParallel on N
+processes (gloo on CPU, NCCL on CUDA); rank 0 evaluates and writes the model file, the others nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from sqlalchemy import delete, insert, inspect, select
 
 import database
@@ -46,7 +50,7 @@ from features import (
 from get_features_table import TABLES
 from get_model import FORMAT, ModelFileError, get_model, load_model_file, save_model_file
 from get_post_embeddings import embed_posts, encoder_key, resolve_encoder
-from learn_model import train_autoencoder, train_two_tower
+from learn_model import train_autoencoder, train_two_tower, world
 from model import (
     Autoencoder,
     TwoTower,
@@ -72,8 +76,28 @@ class TrainResult:
     data: Dataset
     metrics: dict[str, dict[str, float]]
     history: list[dict[str, float]]
-    payload: dict[str, Any]
+    payload: dict[str, Any] | None  # None on the ranks other than 0 under torchrun: they write nothing
     seconds: dict[str, float]
+
+
+def training_device(setting: str) -> torch.device:
+    """DEVICE: auto picks CUDA when this machine has it; under torchrun each rank takes its local GPU."""
+    use_cuda = setting == "cuda" or (setting == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("DEVICE=cuda, but torch sees no CUDA device on this machine")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def start_ranks(device: torch.device) -> bool:
+    """Join torchrun's process group (its environment names the rendezvous); False without torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
 
 
 # ----------------------------------------------------------------------------- stages
@@ -263,7 +287,12 @@ def train_stage(
     seconds["load"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    embeddings = embed_stage(settings, posts, progress=progress)
+    rank, _ = world()
+    if rank != 0:  # rank 0 embeds first (and fills the cache); the others then read it
+        dist.barrier()
+    embeddings = embed_stage(settings, posts, progress=progress and rank == 0)
+    if rank == 0 and dist.is_initialized():
+        dist.barrier()
     seconds["embed"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -291,9 +320,12 @@ def train_stage(
         batch_size=settings.batch_size,
         lr=settings.learning_rate,
         seed=settings.seed,
+        device=training_device(settings.device),
         progress=progress,
     )
     seconds["train"] = time.perf_counter() - clock
+    if rank != 0:
+        return TrainResult(model, data, {}, history, None, seconds)
 
     clock = time.perf_counter()
     metrics: dict[str, dict[str, float]] = {}
@@ -458,6 +490,8 @@ def export_embeddings(settings: Settings, out_dir: Path) -> dict[str, Path]:
 
 def run_all(settings: Settings, *, progress: bool = True) -> TrainResult:
     result = train_stage(settings, progress=progress)
+    if result.payload is None:  # a rank other than 0: rank 0 writes the model file
+        return result
     save_model_file(result.payload, settings.model_path)
     written = write_history(result.history, settings.model_path.parent)
     print(f"\nmodel file: {settings.model_path}  (history: {', '.join(str(p) for p in written)})")
@@ -574,8 +608,14 @@ def main(argv: list[str] | None = None) -> int:
             if command == "train":
                 overrides = {"objective": args.objective, "epochs": args.epochs}
                 settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
-            print("settings: " + ", ".join(f"{k}={v}" for k, v in describe(settings)))
-            run_all(settings, progress=progress)
+            distributed = start_ranks(training_device(settings.device))
+            try:
+                if world()[0] == 0:
+                    print("settings: " + ", ".join(f"{k}={v}" for k, v in describe(settings)))
+                run_all(settings, progress=progress)
+            finally:
+                if distributed:
+                    dist.destroy_process_group()
         elif command == "evaluate":
             metrics = evaluate_saved(settings, progress=progress)
             print(json.dumps(metrics) if args.json else summary_table(metrics))

@@ -270,7 +270,11 @@ class TwoTower(nn.Module):
         self.register_buffer("post_stats", torch.zeros(config.n_posts, config.n_post_stats))
         if config.exposure_head:
             self.exposure_topic = nn.Embedding(config.n_topics, 8)
-            self.exposure = nn.Sequential(nn.Linear(8 + config.n_post_stats, 32), nn.GELU(), nn.Linear(32, 1))
+            # No bias on the last layer: a constant added to every post changes no softmax and no ranking,
+            # so it would get no gradient (and Adam would move it on rounding noise alone).
+            self.exposure = nn.Sequential(
+                nn.Linear(8 + config.n_post_stats, 32), nn.GELU(), nn.Linear(32, 1, bias=False)
+            )
 
     def set_post_features(self, text: np.ndarray, topic: np.ndarray, stats: np.ndarray) -> None:
         assert len(text) == len(topic) == len(stats) == self.config.n_posts, "one feature row per post"

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     max_history: int = Field(16, ge=1)
     train_sample: int = Field(1_500_000, ge=1)  # views sampled from the training window (the seed: 1.5M)
     test_days: float = Field(14.0, gt=0)  # the last test_days of the feed form the test window
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # training: auto = CUDA when present
     # --- model file and serving ---
     model_path: Path = DATA_DIR / "model.pt"
     model_url: str = ""  # optional: download the model file from here when model_path is missing
