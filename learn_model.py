@@ -140,20 +140,31 @@ def softmax_scale(n_rows: int) -> float:
     return size / max(float(total), 1.0)
 
 
-def bce_loss(model: TwoTower, batch: UserBatch, posts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def bce_loss(
+    model: TwoTower,
+    batch: UserBatch,
+    posts: torch.Tensor,
+    labels: torch.Tensor,
+    history_items: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The seed's objective: pointwise binary cross-entropy on views and their like targets."""
-    return F.binary_cross_entropy_with_logits(model(batch, posts), labels)
+    users, items = model.encode(batch, posts, history_items)
+    return F.binary_cross_entropy_with_logits((users * items).sum(-1) + model.bias, labels)
 
 
 def sampled_softmax_loss(
-    model: TwoTower, batch: UserBatch, posts: torch.Tensor, log_q: torch.Tensor
+    model: TwoTower,
+    batch: UserBatch,
+    posts: torch.Tensor,
+    log_q: torch.Tensor,
+    history_items: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """In-batch softmax over liked posts: the other rows' posts are the negatives.
 
     logQ correction subtracts each post's log sampling frequency (popular posts are over-represented as
     negatives); accidental hits (the same post as another row's positive) are masked out.
     """
-    users, items = model.encode(batch, posts)
+    users, items = model.encode(batch, posts, history_items)
     columns, column_posts, offset = gather_columns(items, posts)
     logits = users @ columns.T + (model.exposure_scores(column_posts) - log_q[column_posts])[None, :]
     own = offset + torch.arange(len(posts), device=posts.device)
@@ -170,6 +181,7 @@ def joint_loss(
     posts: torch.Tensor,
     labels: torch.Tensor,
     log_q: torch.Tensor,
+    history_items: torch.Tensor | None = None,
     *,
     softmax_weight: float = 1.0,
 ) -> torch.Tensor:
@@ -180,7 +192,7 @@ def joint_loss(
     correction). Ranking scores add the exposure term; accidental hits (another column showing the
     row's own post) are masked out.
     """
-    users, items = model.encode(batch, posts)
+    users, items = model.encode(batch, posts, history_items)
     bce = F.binary_cross_entropy_with_logits((users * items).sum(-1) + model.bias, labels)
     columns, column_posts, offset = gather_columns(items, posts)  # every rank gathers, liked rows or not
     liked = torch.nonzero(labels > 0.5).squeeze(-1)
@@ -208,14 +220,21 @@ class TrainingStep(nn.Module):
         self.model, self.objective, self.softmax_weight = model, objective, softmax_weight
         self.register_buffer("log_q", log_q)
 
-    def forward(self, batch: UserBatch, posts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        batch: UserBatch,
+        posts: torch.Tensor,
+        labels: torch.Tensor,
+        history_items: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        model, log_q = self.model, self.log_q
         if self.objective == "joint":
             return joint_loss(
-                self.model, batch, posts, labels, self.log_q, softmax_weight=self.softmax_weight
+                model, batch, posts, labels, log_q, history_items, softmax_weight=self.softmax_weight
             )
         if self.objective == "bce":
-            return bce_loss(self.model, batch, posts, labels)
-        return self.softmax_weight * sampled_softmax_loss(self.model, batch, posts, self.log_q)
+            return bce_loss(model, batch, posts, labels, history_items)
+        return self.softmax_weight * sampled_softmax_loss(model, batch, posts, log_q, history_items)
 
 
 def to_device(batch: UserBatch, device: torch.device) -> UserBatch:
@@ -280,6 +299,7 @@ def train_two_tower(
     lr: float,
     seed: int,
     device: torch.device | str = "cpu",
+    history_items_every: int = 0,
     weight_decay: float = 1e-5,
     softmax_weight: float = 1.0,
     progress: bool = True,
@@ -293,6 +313,9 @@ def train_two_tower(
     ranking score then adds the model's exposure term (TwoTowerConfig.exposure_head).
     monitor_train / monitor_test are views whose ROC-AUC, accuracy and log-loss are logged each epoch
     (by rank 0 alone under torchrun). batch_size is the global batch: each of N ranks trains on 1/N.
+    history_items_every > 0: the histories read the item tower's output for every post, computed
+    without gradient every that many steps, and the tower runs on the batch's targets alone (faster;
+    0: the history's posts go through the tower, with gradient, at every step).
     """
     assert objective in OBJECTIVES, f"unknown objective {objective!r}, expected one of {OBJECTIVES}"
     rank, size = world()
@@ -318,18 +341,22 @@ def train_two_tower(
     )
     batches = _batches(len(main), batch_size, rng)
     history: list[dict[str, float]] = []
+    history_items = None
     for epoch in range(1, epochs + 1):
         model.train()
         started, total_loss = time.perf_counter(), 0.0
         show = progress and rank == 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{epochs}", disable=not show, leave=False)
         for step_number in bar:
+            if history_items_every and step_number % history_items_every == 0:
+                with torch.no_grad():
+                    history_items = model.item_embeddings()
             part = main.subset(next(batches))
             batch = to_device(
                 make_user_batch(users, histories, part.user_rows, part.times, model.config), device
             )
             posts, labels = (torch.from_numpy(a).to(device) for a in (part.post_rows, part.labels))
-            loss = loss_of(batch, posts, labels)
+            loss = loss_of(batch, posts, labels, history_items)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

@@ -321,6 +321,7 @@ def train_stage(
         lr=settings.learning_rate,
         seed=settings.seed,
         device=training_device(settings.device),
+        history_items_every=settings.history_items_every,
         progress=progress,
     )
     seconds["train"] = time.perf_counter() - clock

@@ -318,11 +318,18 @@ class TwoTower(nn.Module):
     def user_embeddings(self, batch: UserBatch) -> torch.Tensor:
         return self.encode(batch, torch.zeros(0, dtype=torch.long))[0]
 
-    def encode(self, batch: UserBatch, post_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, batch: UserBatch, post_rows: torch.Tensor, history_items: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(user embeddings [B, d], item embeddings of post_rows [n, d]): one item-tower pass over the
-        distinct posts of the histories and post_rows together, scattered back to [B, H, d] and [n, d]."""
+        distinct posts of the histories and post_rows together, scattered back to [B, H, d] and [n, d].
+        With history_items (a table [n_posts, d], e.g. the item tower's output a few steps ago, without
+        gradient) the history reads that table and the tower runs over post_rows' posts alone."""
         if not self.config.use_history:
             return self.users(batch, torch.empty(0)), self.item_embeddings(post_rows)
+        if history_items is not None:
+            unique, inverse = torch.unique(post_rows, return_inverse=True)
+            return self.users(batch, history_items[batch.hist_post]), self.item_embeddings(unique)[inverse]
         n_history = batch.hist_post.numel()
         unique, inverse = torch.unique(torch.cat([batch.hist_post.flatten(), post_rows]), return_inverse=True)
         items = self.item_embeddings(unique)[inverse]

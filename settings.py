@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     batch_size: int = Field(1024, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
     max_history: int = Field(16, ge=1)
+    history_items_every: int = Field(50, ge=0)  # training: the histories read item encodings recomputed
+    # every N steps without gradient (faster); 0 = through the item tower, with gradient, at every step
     train_sample: int = Field(1_500_000, ge=1)  # views sampled from the training window (the seed: 1.5M)
     test_days: float = Field(14.0, gt=0)  # the last test_days of the feed form the test window
     device: Literal["auto", "cpu", "cuda"] = "auto"  # training: auto = CUDA when present
