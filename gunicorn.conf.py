@@ -16,6 +16,9 @@ worker_class = "uvicorn_worker.UvicornWorker"
 preload_app = True
 accesslog = "-"  # one line per request on stdout, as uvicorn does by default
 graceful_timeout = 20
+timeout = (
+    180  # a worker is silent until its startup ends: at a million posts the FAISS index alone takes ~30 s
+)
 
 
 def when_ready(server: object) -> None:  # gunicorn calls it in the master, after the preload

@@ -130,11 +130,11 @@ def gather_columns(items: torch.Tensor, posts: torch.Tensor) -> tuple[torch.Tens
     return columns, torch.cat(gathered), rank * len(posts)
 
 
-def softmax_scale(n_rows: int) -> float:
+def softmax_scale(n_rows: int, device: torch.device) -> float:
     """Turns a sum of cross-entropies over this rank's rows into its share of the global mean: with
     DDP's average over ranks, the gradient is that of one process over every rank's rows."""
     _, size = world()
-    total = torch.tensor(float(n_rows))
+    total = torch.tensor(float(n_rows), device=device)  # NCCL reduces CUDA tensors only
     if size > 1:
         dist.all_reduce(total)
     return size / max(float(total), 1.0)
@@ -172,7 +172,7 @@ def sampled_softmax_loss(
         torch.arange(len(column_posts), device=posts.device) != own[:, None]
     )
     logits = logits.masked_fill(hits, float("-inf"))
-    return F.cross_entropy(logits, own, reduction="sum") * softmax_scale(len(posts))
+    return F.cross_entropy(logits, own, reduction="sum") * softmax_scale(len(posts), posts.device)
 
 
 def joint_loss(
@@ -202,7 +202,7 @@ def joint_loss(
         torch.arange(len(column_posts), device=posts.device) != own[:, None]
     )
     scores = scores.masked_fill(hits, float("-inf"))
-    softmax = F.cross_entropy(scores, own, reduction="sum") * softmax_scale(len(liked))
+    softmax = F.cross_entropy(scores, own, reduction="sum") * softmax_scale(len(liked), posts.device)
     return bce + softmax_weight * softmax
 
 
@@ -333,7 +333,10 @@ def train_two_tower(
         model, objective, post_log_frequency(main.post_rows, model.config.n_posts), softmax_weight
     )
     step.to(device)
-    loss_of = DistributedDataParallel(step) if size > 1 else step
+    # joint uses every parameter; softmax leaves the BCE bias out, bce the exposure head (when there is one):
+    # DDP must then look for the unused ones rather than wait for their gradients
+    unused = objective != "joint"
+    loss_of = DistributedDataParallel(step, find_unused_parameters=unused) if size > 1 else step
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = len(main) // batch_size  # the same on every rank: the schedule counts global steps
     scheduler = torch.optim.lr_scheduler.OneCycleLR(

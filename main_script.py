@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from sqlalchemy import delete, insert, inspect, select
+from sqlalchemy.exc import DBAPIError
 
 import database
 import demo_data
@@ -221,11 +222,35 @@ def sync_post_embeddings(settings: Settings, *, progress: bool = True) -> int:
         with engine.begin() as conn:  # one transaction: the service sees all of them or none
             for start in range(0, len(rows), 1000):
                 ids = [row["post_id"] for row in rows[start : start + 1000]]
-                conn.execute(delete(PostEmbedding).where(PostEmbedding.post_id.in_(ids)))
+                conn.execute(
+                    delete(PostEmbedding).where(PostEmbedding.post_id.in_(ids), PostEmbedding.encoder == key)
+                )
             conn.execute(insert(PostEmbedding), rows)
         return len(rows)
     finally:
         engine.dispose()
+
+
+def follow_post_embeddings(
+    settings: Settings, *, every: float, cycles: int | None = None, progress: bool = False
+) -> None:
+    """sync_post_embeddings every `every` seconds until stopped (or `cycles` times); a database that
+    does not answer is logged and tried again at the next turn, the job does not stop."""
+    turn = 0
+    while cycles is None or turn < cycles:
+        turn += 1
+        try:
+            print(
+                f"embed-posts: {sync_post_embeddings(settings, progress=progress)} embeddings written",
+                flush=True,
+            )
+        except DBAPIError as exc:
+            print(
+                f"embed-posts: database error ({exc.__class__.__name__}); trying again in {every:g} s",
+                flush=True,
+            )
+        if cycles is None or turn < cycles:
+            time.sleep(every)
 
 
 def make_dataset(
@@ -596,12 +621,10 @@ def main(argv: list[str] | None = None) -> int:
             vectors = embed_stage(settings, posts, progress=progress)
             print(f"{len(vectors)} posts embedded: {vectors.shape[1]}-D, cache in {settings.embed_cache_dir}")
         elif command == "embed-posts":
-            while True:
-                written = sync_post_embeddings(settings, progress=progress)
-                print(f"embed-posts: {written} post embeddings written", flush=True)
-                if not args.every:
-                    break
-                time.sleep(args.every)
+            if not args.every:
+                print(f"embed-posts: {sync_post_embeddings(settings, progress=progress)} embeddings written")
+            else:
+                follow_post_embeddings(settings, every=args.every, progress=progress)
         elif command in ("all", "train"):
             if command == "all" and getattr(args, "if_missing", False) and model_usable(settings):
                 print(f"model file {settings.model_path} present: skipping training")

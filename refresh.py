@@ -22,6 +22,7 @@ latest event time (Recommender.apply).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -30,8 +31,8 @@ import pandas as pd
 from sqlalchemy import ColumnElement, Engine, func, inspect, select
 
 import get_features_table
-from features import DAY_SECONDS, text_key, to_seconds
-from serving import Changes, FeedRows, Recommender, ServingState
+from features import DAY_SECONDS, clean_text, text_key, to_seconds
+from serving import FUTURE_TOLERANCE_SECONDS, Changes, FeedRows, Recommender, ServingState, latest_plausible
 from table_feed import Feed
 from table_post import Post
 from table_post_embedding import PostEmbedding
@@ -70,48 +71,58 @@ class TableFollower:
         self.first_day = first_day
         self.snapshot_days = np.bincount(history.ev_time // DAY_SECONDS - first_day)  # rows per day
         self.audit_day: int | None = None
+        self.absent_users: set[int] = set()  # named by feed rows, not in user_data at the last look
 
     # --- one cycle ---
 
     def cycle(self) -> CycleReport:
+        """One look at the tables. Its bookkeeping (watermark, window, audit day) moves on only once the
+        recommender took the changes: a cycle that fails half way leaves it as it was, for the next."""
         report = CycleReport()
         state = self.recommender.state
         with self.engine.connect() as conn:
             post_ids = np.array(conn.execute(select(Post.post_id)).scalars().all(), dtype=np.int64)
         texts = self._posts(state.texts_missing()) if len(state.texts_missing()) else None
         new_posts, report.waiting_posts = self._new_posts(state, post_ids)
-        fresh = self._window_rows(report)
-        rows = fresh.concat(self._late_rows(state.rows.concat(fresh), report))
-        new_users = self._new_users(state, state.rows.concat(rows))
+        fresh, watermark, window = self._window_rows(report)
+        late, audit_day = self._late_rows(state.rows.concat(fresh), watermark, report)
+        rows = fresh.concat(late)
+        new_users, absent = self._new_users(state, state.rows.concat(rows), rows)
         changes = Changes(rows=rows, users=new_users, posts=new_posts, texts=texts, live_post_ids=post_ids)
         self.recommender.apply(changes)
+        self.watermark, self.window, self.audit_day, self.absent_users = watermark, window, audit_day, absent
         report.feed_rows, report.posts = len(rows), 0 if new_posts is None else len(new_posts)
         report.users = 0 if new_users is None else len(new_users)
         return report
 
-    def _window_rows(self, report: CycleReport) -> FeedRows:
-        """New rows of the lookback window: read only when its count moved."""
+    def _window_rows(self, report: CycleReport) -> tuple[FeedRows, int, FeedRows]:
+        """(new rows of the lookback window, the watermark after them, the rows then held in the
+        window); the window is read only when its count moved. A row dated beyond the clock (plus a
+        day) is merged but does not move the watermark: one wrong clock must not age every other row."""
         since = self.watermark - self.lookback
         with self.engine.connect() as conn:
             held = conn.execute(select(func.count()).select_from(Feed).where(Feed.timestamp >= _time(since)))
         if held.scalar_one() == len(self.window):
-            return FeedRows.empty()
+            return FeedRows.empty(), self.watermark, self.window
         report.window_read = True
         fresh = unseen(self._read_feed(Feed.timestamp >= _time(since)), self.window)
-        if len(fresh):
-            self.watermark = max(self.watermark, int(fresh.seconds.max()))
+        ahead = int((fresh.seconds > time.time() + FUTURE_TOLERANCE_SECONDS).sum())
+        if ahead:
+            log.warning("refresh: %d feed rows dated after the clock: merged, the watermark stays", ahead)
+        watermark = max(self.watermark, latest_plausible(fresh.seconds))
         window = self.window.concat(fresh)
-        self.window = window.select(window.seconds >= self.watermark - self.lookback)
-        return fresh
+        return fresh, watermark, window.select(window.seconds >= watermark - self.lookback)
 
-    def _late_rows(self, merged: FeedRows, report: CycleReport) -> FeedRows:
-        """Rows of one day before the lookback window that the service lacks (days in rotation);
-        `merged` = every row merged since the snapshot, this cycle's included."""
-        last_day = (self.watermark - self.lookback) // DAY_SECONDS - 1  # whole days before the window
+    def _late_rows(
+        self, merged: FeedRows, watermark: int, report: CycleReport
+    ) -> tuple[FeedRows, int | None]:
+        """(rows of one day before the lookback window that the service lacks, the next day to audit):
+        days in rotation, newest first; `merged` = every row merged since the snapshot, this cycle's
+        included."""
+        last_day = (watermark - self.lookback) // DAY_SECONDS - 1  # whole days before the window
         if last_day < self.first_day:
-            return FeedRows.empty()
+            return FeedRows.empty(), self.audit_day
         day = last_day if self.audit_day is None or self.audit_day < self.first_day else self.audit_day
-        self.audit_day = day - 1
         start, end = day * DAY_SECONDS, (day + 1) * DAY_SECONDS
         day_rows = (Feed.timestamp >= _time(start)) & (Feed.timestamp < _time(end))
         with self.engine.connect() as conn:
@@ -121,7 +132,7 @@ class TableFollower:
         in_day = (merged.seconds >= start) & (merged.seconds < end)
         held += int(in_day.sum())
         if stored <= held:
-            return FeedRows.empty()
+            return FeedRows.empty(), day - 1
         history = self.recommender.snapshot.histories
         known = _snapshot_rows(
             self.recommender, np.flatnonzero((history.ev_time >= start) & (history.ev_time < end))
@@ -136,12 +147,16 @@ class TableFollower:
                 self.lookback,
             )
         report.late_rows = len(late)
-        return late
+        return late, day - 1
 
     def _read_feed(self, where: ColumnElement[bool]) -> FeedRows:
         frame = get_features_table.read_table(
             self.engine, "feed_data", columns=["timestamp", "user_id", "post_id", "action"], where=where
         )
+        broken = frame[["user_id", "post_id"]].isna().any(axis=1)
+        if broken.any():  # the users' own table may allow them; no history can hold such a row
+            log.warning("refresh: %d feed rows without a user_id or post_id are left out", int(broken.sum()))
+            frame = frame[~broken]
         return FeedRows(
             to_seconds(frame["timestamp"]),
             frame["user_id"].to_numpy(np.int64),
@@ -149,12 +164,19 @@ class TableFollower:
             (frame["action"] == "like").to_numpy(),
         )
 
-    def _new_users(self, state: ServingState, rows: FeedRows) -> pd.DataFrame | None:
-        """user_data rows of the users that merged feed rows name and the state lacks."""
-        named = np.unique(rows.user_id)
-        new = named[_missing(state.user_index, named)]
+    def _new_users(
+        self, state: ServingState, merged: FeedRows, fresh: FeedRows
+    ) -> tuple[pd.DataFrame | None, set[int]]:
+        """(user_data rows of the users that merged feed rows name and the state lacks, the ids still
+        absent from user_data). An id found absent is asked again only when a new row names it: a feed
+        row may name a user who is never added."""
+        named = np.unique(merged.user_id)
+        lacking = set(named[_missing(state.user_index, named)].tolist())
+        asked = (lacking - self.absent_users) | (lacking & set(fresh.user_id.tolist()))
+        again = lacking - asked
+        new = np.array(sorted(asked), dtype=np.int64)
         if not len(new):
-            return None
+            return None, again
         frames = []
         for start in range(0, len(new), IN_CHUNK):
             chunk = new[start : start + IN_CHUNK].tolist()
@@ -162,7 +184,8 @@ class TableFollower:
                 get_features_table.read_table(self.engine, "user_data", where=User.user_id.in_(chunk))
             )
         found = pd.concat(frames, ignore_index=True)
-        return found if len(found) else None
+        absent = again | (set(new.tolist()) - set(found["user_id"].tolist()))
+        return (found if len(found) else None), absent
 
     def _new_posts(self, state: ServingState, post_ids: np.ndarray) -> tuple[pd.DataFrame | None, int]:
         """(new posts with their text embedding, how many new posts still have none)."""
@@ -171,7 +194,7 @@ class TableFollower:
             return None, 0
         posts = self._posts(new)
         vectors = self._vectors(new)
-        posts["text_sha256"] = [text_key(text) for text in posts["text"]]
+        posts["text_sha256"] = [text_key(clean_text(text)) for text in posts["text"]]
         ready = posts.merge(vectors, on=["post_id", "text_sha256"])  # the embedding of the current text
         waiting = len(new) - len(ready)
         if waiting:

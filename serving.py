@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,8 @@ from features import (
 )
 from inference import OnnxUserTower, RequestInputs
 from model import TwoTower, TwoTowerConfig, autoencoder_from_payload, numeric_inputs, two_tower_from_payload
+
+FUTURE_TOLERANCE_SECONDS = 86_400  # a row dated further past the clock moves no watermark or statistics
 
 # ----------------------------------------------------------------------------- data structures
 
@@ -381,7 +384,7 @@ class Recommender:
             if len(changes.rows) or grown:
                 delta = _delta_histories(rows, user_index, len(users.user_ids), posts["post_index"])
                 histories = LayeredHistories(self.snapshot.histories, delta)
-                stats_time = max(state.stats_time, int(rows.seconds.max()) + 1 if len(rows) else 0)
+                stats_time = max(state.stats_time, latest_plausible(rows.seconds) + 1)
                 ranking_matrix = self._ranking_matrix(posts, delta, stats_time, rows)
             search = state.search
             if ranking_matrix is not state.ranking_matrix:
@@ -484,6 +487,13 @@ def post_statistics_at(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def latest_plausible(seconds: np.ndarray) -> int:
+    """The latest of these event times that is not beyond the clock (plus FUTURE_TOLERANCE_SECONDS); a
+    writer whose clock runs years ahead must not make every other row look old."""
+    plausible = seconds[seconds <= time.time() + FUTURE_TOLERANCE_SECONDS]
+    return int(plausible.max(initial=np.iinfo(np.int64).min // 2))
 
 
 def _index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

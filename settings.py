@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     text_dim: int = Field(128, ge=1)  # autoencoder code size
     # --- training ---
     objective: Literal[OBJECTIVES] = "joint"  # bce (pointwise, the seed's) | softmax (in-batch) | joint
-    epochs: int = Field(4, ge=0)
+    epochs: int = Field(4, ge=1)
     batch_size: int = Field(1024, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
     max_history: int = Field(16, ge=1)

@@ -134,7 +134,7 @@ def main() -> None:
     task = ranking_task(histories, cutoff, len(withheld))
 
     def model_block(rows: np.ndarray) -> np.ndarray:
-        return np.stack([recommender.scores(state, int(row), cutoff).numpy()[columns] for row in rows])
+        return np.stack([recommender.scores(state, int(row), cutoff)[columns] for row in rows])
 
     topic_likes = (
         seen_feed[(seen_feed["action"] == "like") & (to_seconds(seen_feed["timestamp"]) < cutoff)]

@@ -110,6 +110,22 @@ def rank_main(rank: int, world: int, rendezvous: str, out: str) -> None:
         model, data = problem()
         train(model, data)
         torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
+        for objective in ("softmax", "bce"):  # the other objectives run under DDP too
+            model, data = problem()
+            train_two_tower(
+                model,
+                users=data.users,
+                histories=data.histories,
+                views=data.train_views,
+                likes=data.train_likes,
+                objective=objective,
+                epochs=1,
+                batch_size=32,
+                lr=5e-3,
+                seed=0,
+                progress=False,
+            )
+            torch.save(model.state_dict(), Path(out) / f"{objective}{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -134,6 +150,9 @@ def test_two_ranks_train_like_one_process_on_the_whole_batch(tmp_path):
         # after 4 AdamW steps: Adam divides by the gradient's size, so float32 rounding of small gradients
         # moves a weight by up to ~5e-5 here
         torch.testing.assert_close(first[name], value, atol=1e-4, rtol=1e-4, msg=f"{name}: 2 ranks vs 1")
+    for objective in ("softmax", "bce"):
+        ranks = [torch.load(tmp_path / f"{objective}{r}.pt", weights_only=True) for r in (0, 1)]
+        assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0]), f"{objective}: the ranks differ"
     moved = [n for n, v in alone.state_dict().items() if not torch.equal(v, before[n])]
     assert "items.net.0.weight" in moved and "users.fuse.0.weight" in moved, "training changed nothing"
 

@@ -334,3 +334,95 @@ def test_unseen_is_a_multiset_difference():
         (5, 2, 3, False),
     ]
     assert len(unseen(held, held)) == 0 and len(unseen(FeedRows.empty(), held)) == 0
+
+
+def test_a_cycle_that_fails_half_way_loses_no_row(live, db_url, tiny_tables, monkeypatch):
+    """Before: the window's rows moved the watermark as soon as they were read; a failure later in the
+    same cycle (the database dropping out) left them out of the state and out of every later window."""
+    client, app, _settings = live
+    follower = app.state.follower
+    user = int(tiny_tables[2]["user_id"].iloc[-1])
+    when = format_time(follower.watermark + 86400)
+    top = recommended(client, user, when, limit=5)[0]
+    append_feed(
+        db_url,
+        feed_rows(
+            timestamp=pd.to_datetime([follower.watermark + 5], unit="s"),
+            user_id=[user],
+            post_id=[top],
+            action=["like"],
+        ),
+    )
+
+    def outage(*_args, **_kwargs):
+        raise ConnectionError("the database went away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(follower, "_late_rows", outage)
+        with pytest.raises(ConnectionError):
+            refresh_once(app)
+    assert top in recommended(client, user, when), "nothing was merged by the failed cycle"
+    assert refresh_once(app).feed_rows == 1, "the next cycle reads the row again"
+    assert top not in recommended(client, user, when)
+
+
+def test_a_row_dated_after_the_clock_does_not_age_the_others(live, db_url, tiny_tables):
+    """Before: one row from a writer whose clock ran years ahead became the watermark; every real row
+    after it was older than the lookback window, and every post's statistics were taken in the future."""
+    _client, app, _settings = live
+    follower, recommender = app.state.follower, app.state.recommender
+    users, posts = tiny_tables[0]["user_id"], tiny_tables[1]["post_id"]
+    watermark = follower.watermark
+    future = int(pd.Timestamp("2031-01-01").timestamp())
+    rows = feed_rows(
+        timestamp=pd.to_datetime([future, watermark + 60], unit="s"),
+        user_id=[int(users.iloc[0])] * 2,
+        post_id=[int(posts.iloc[0])] * 2,
+        action=["view", "view"],
+    )
+    append_feed(db_url, rows)
+    assert refresh_once(app).feed_rows == 2
+    assert follower.watermark == watermark + 60 and recommender.state.stats_time == watermark + 61
+    append_feed(db_url, rows.iloc[[1]].assign(timestamp=pd.to_datetime([watermark + 30], unit="s")))
+    assert refresh_once(app).feed_rows == 1, "a row inside the real window is read at once"
+
+
+def test_a_new_post_without_text_does_not_stop_the_refresh(live, monkeypatch):
+    """Before: text_key(None) raised in every cycle, so nothing at all was merged any more."""
+    _client, app, _settings = live
+    follower = app.state.follower
+    state = app.state.recommender.state
+    new_id = int(state.post_ids.max()) + 11
+    monkeypatch.setattr(
+        follower,
+        "_posts",
+        lambda ids: pd.DataFrame({"post_id": ids, "text": [None] * len(ids), "topic": "sport"}),
+    )
+    ready, waiting = follower._new_posts(state, np.append(state.post_ids, new_id))
+    assert ready is None and waiting == 1
+
+
+def test_deployments_with_two_encoders_keep_their_own_embeddings(live, db_url, tiny_tables):
+    """Before: post_embedding was keyed by post alone, so two encoders deleted each other's rows."""
+    _client, _app, settings = live
+    add_post(db_url, int(tiny_tables[1]["post_id"].max()) + 21)
+    other = settings.replace(embed_max_length=64)  # another encoder key: name;max_length=64
+    first, second = (main_script.sync_post_embeddings(s, progress=False) for s in (settings, other))
+    assert first >= 1 and second >= 1
+    assert main_script.sync_post_embeddings(settings, progress=False) == 0, "its rows were kept"
+    assert main_script.sync_post_embeddings(other, progress=False) == 0
+
+
+def test_the_embedding_job_outlives_a_database_outage(tmp_path, capsys):
+    unreachable = f"postgresql://nobody@127.0.0.1:{_free_port()}/none"
+    settings = main_script.Settings(database_url=unreachable, embed_cache_dir=tmp_path)
+    main_script.follow_post_embeddings(settings, every=0, cycles=2)
+    assert capsys.readouterr().out.count("database error") == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

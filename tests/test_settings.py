@@ -47,7 +47,8 @@ def test_an_empty_variable_means_unset(workdir, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("EPOCHS", "four"), ("DEMO_SCALE", "huge"), ("OBJECTIVE", "mse"), ("BATCH_SIZE", "0")]
+    ("name", "value"),
+    [("EPOCHS", "four"), ("EPOCHS", "0"), ("DEMO_SCALE", "huge"), ("OBJECTIVE", "mse"), ("BATCH_SIZE", "0")],
 )
 def test_a_bad_value_names_the_setting(workdir, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
