@@ -575,9 +575,11 @@ class Interactions:
 
 @dataclass
 class Dataset:
-    """Everything the model trains and is evaluated on, split at `cutoff` (seconds)."""
+    """Everything the model trains and is evaluated on, in three windows by time (seconds):
+    training [start, val_cutoff), validation [val_cutoff, cutoff), test [cutoff, end]."""
 
     start: int
+    val_cutoff: int
     cutoff: int
     end: int
     vocabs: dict[str, list[str]]  # user categoricals and "topic"
@@ -587,22 +589,75 @@ class Dataset:
     post_topic: np.ndarray  # int64 topic index per post row
     post_stats: np.ndarray  # float32 [n_posts, len(POST_STAT_NAMES)], standardised, training window only
     stats_scaler: tuple[np.ndarray, np.ndarray]
-    histories: Histories  # all events, both sides of the cutoff (windows never look past their time)
+    histories: Histories  # all events, every window (windows never look past their time)
     train_views: Interactions
     train_likes: Interactions  # the liked views of the training window, at their view time
+    val_views: Interactions
     test_views: Interactions
 
+    def window(self, name: str) -> tuple[int, int, Interactions]:
+        """(cutoff, end, views) of the "validation" or "test" window: scored at its cutoff, from the
+        events before it; its views and likes are those in [cutoff, end)."""
+        if name == "validation":
+            return self.val_cutoff, self.cutoff, self.val_views
+        if name == "test":
+            return self.cutoff, self.end + 1, self.test_views
+        raise ValueError(f"unknown window {name!r}: 'validation' or 'test'")
 
-def split_cutoff(feed: pd.DataFrame, test_days: float) -> tuple[int, int, int]:
-    """(start, cutoff, end) seconds: the last test_days of the feed are the test window."""
+    def post_stats_by_day(self, until: int) -> np.ndarray:
+        """[n_days, n_posts, n_post_stats] standardised: row k = post_stats_at(start + k days), for every
+        day start up to `until`. Training reads each sample's statistics at the start of its day."""
+        h, n_posts = self.histories, len(self.post_ids)
+        n_days = (until - self.start) // DAY_SECONDS + 1
+        day = (h.ev_time - self.start) // DAY_SECONDS
+        keep = day < n_days - 1  # row k counts the days before k
+        is_like = h.ev_action == ACTION_LIKE
+
+        def before_each_day(mask: np.ndarray) -> np.ndarray:
+            cells = np.bincount(day[mask] * n_posts + h.ev_post[mask], minlength=n_days * n_posts)
+            daily = cells.reshape(n_days, n_posts)
+            return np.concatenate([np.zeros((1, n_posts)), np.cumsum(daily, axis=0)[:-1]])
+
+        views, likes = before_each_day(keep & ~is_like), before_each_day(keep & is_like)
+        week_ago = np.maximum(np.arange(n_days) - RECENT_DAYS, 0)
+        raw = np.stack(
+            [
+                post_stats_from_counts(
+                    views[k],
+                    likes[k],
+                    views[k] - views[week_ago[k]],
+                    likes[k] - likes[week_ago[k]],
+                    window_days=window_days(self.start, self.start + k * DAY_SECONDS),
+                )
+                for k in range(n_days)
+            ]
+        )
+        return ((raw - self.stats_scaler[0]) / self.stats_scaler[1]).astype(np.float32)
+
+    def post_stats_at(self, cutoff: int) -> np.ndarray:
+        """The standardised post statistics from the events before `cutoff` (the training window's at
+        val_cutoff; later cutoffs see the later events, as the service does)."""
+        h = self.histories
+        counts = post_counts(
+            h.ev_post, h.ev_action == ACTION_LIKE, h.ev_time, len(self.post_ids), cutoff=cutoff
+        )
+        raw = post_stats_from_counts(*counts, window_days=window_days(self.start, cutoff))
+        return ((raw - self.stats_scaler[0]) / self.stats_scaler[1]).astype(np.float32)
+
+
+def split_windows(feed: pd.DataFrame, *, test_days: float, val_days: float) -> tuple[int, int, int, int]:
+    """(start, val_cutoff, cutoff, end) seconds: the last test_days of the feed are the test window, the
+    val_days before them the validation window, the rest the training window."""
     seconds = to_seconds(feed["timestamp"])
     assert len(seconds), "the feed is empty: nothing to train on"
     start, end = int(seconds.min()), int(seconds.max())
     cutoff = end - int(test_days * 86400)
-    assert start < cutoff, (
-        f"the feed spans {(end - start) / 86400:.1f} days, not more than test_days={test_days}"
+    val_cutoff = cutoff - int(val_days * 86400)
+    assert start < val_cutoff, (
+        f"the feed spans {(end - start) / 86400:.1f} days, not more than TEST_DAYS={test_days} + "
+        f"VAL_DAYS={val_days}: no training window is left"
     )
-    return start, cutoff, end
+    return start, val_cutoff, cutoff, end
 
 
 def _interactions(frame: pd.DataFrame, users: UserFeatures, post_ids: np.ndarray, labels: np.ndarray):
@@ -625,6 +680,7 @@ def build_dataset(
     feed: pd.DataFrame,
     *,
     test_days: float = 14.0,
+    val_days: float = 7.0,
     train_sample: int = 1_500_000,
     test_sample: int = 300_000,
     label_margin_s: int = 3600,
@@ -633,12 +689,12 @@ def build_dataset(
     age_scaler: tuple[float, float] | None = None,
     stats_scaler: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Dataset:
-    """Vocabularies, features, histories and the temporal split, all fitted on the training window.
+    """Vocabularies, features, histories and the three windows, all fitted on the training window.
 
-    Training views end label_margin_s before the cutoff, so no training label depends on a like that
+    Training views end label_margin_s before val_cutoff, so no training label depends on a like that
     happened after it. Pass vocabs and scalers of a trained model to rebuild its inputs exactly.
     """
-    start, cutoff, end = split_cutoff(feed, test_days)
+    start, val_cutoff, cutoff, end = split_windows(feed, test_days=test_days, val_days=val_days)
     seconds = to_seconds(feed["timestamp"])
     if vocabs is None:
         vocabs = fit_user_vocabs(users) | {"topic": build_vocab(posts["topic"])}
@@ -646,19 +702,22 @@ def build_dataset(
     user_table = user_features(users, vocabs, age_scaler)
     post_frame = posts.sort_values("post_id")
     post_ids = post_frame["post_id"].to_numpy(dtype=np.int64)
-    raw_stats = post_statistics(feed, post_ids, cutoff=cutoff)
+    raw_stats = post_statistics(feed, post_ids, cutoff=val_cutoff)
     stats_scaler = stats_scaler or fit_scaler(raw_stats)
     histories = build_user_histories(feed, user_table.user_ids, post_ids)
 
     views = (feed["action"] == "view").to_numpy()
     targets = feed["target"].fillna(0).to_numpy(dtype=np.float32)
-    train_view_rows = views & (seconds < cutoff - label_margin_s)
-    test_view_rows = views & (seconds >= cutoff)
+
+    def window_views(rows: np.ndarray) -> Interactions:
+        return _interactions(feed[rows], user_table, post_ids, targets[rows])
+
     # Likes are taken at the time of the view they follow: a like row's own history would already hold
     # that view, and the model would learn "the post just seen is the one liked".
-    train_views = _interactions(feed[train_view_rows], user_table, post_ids, targets[train_view_rows])
+    train_views = window_views(views & (seconds < val_cutoff - label_margin_s))
     return Dataset(
         start=start,
+        val_cutoff=val_cutoff,
         cutoff=cutoff,
         end=end,
         vocabs=vocabs,
@@ -671,7 +730,8 @@ def build_dataset(
         histories=histories,
         train_views=train_views.sample(train_sample, seed=seed),
         train_likes=train_views.subset(np.flatnonzero(train_views.labels == 1)),
-        test_views=_interactions(feed[test_view_rows], user_table, post_ids, targets[test_view_rows]).sample(
-            test_sample, seed=seed + 1
+        val_views=window_views(views & (seconds >= val_cutoff) & (seconds < cutoff)).sample(
+            test_sample, seed=seed + 2
         ),
+        test_views=window_views(views & (seconds >= cutoff)).sample(test_sample, seed=seed + 1),
     )

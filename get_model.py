@@ -23,7 +23,7 @@ import torch
 
 from settings import Settings
 
-FORMAT = "post-recommender/4"
+FORMAT = "post-recommender/5"
 REQUIRED_KEYS = (
     "format",
     "config",

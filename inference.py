@@ -30,7 +30,8 @@ class RequestInputs:
 
 
 class OnnxUserTower:
-    """__call__(inputs, history_items) -> the user embedding [embed_dim], one request at a time."""
+    """__call__(inputs, history_items) -> the ranking user vector (model.TwoTower.ranking_user_vector),
+    one request at a time."""
 
     def __init__(self, graph: bytes, config: TwoTowerConfig, *, threads: int = 1):
         options = onnxruntime.SessionOptions()

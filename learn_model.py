@@ -13,18 +13,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
+from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from features import Histories, Interactions, UserFeatures
+from features import DAY_SECONDS, Histories, Interactions, UserFeatures
 from model import Autoencoder, TwoTower, UserBatch, make_user_batch
 from settings import OBJECTIVES
 
@@ -118,16 +120,19 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_columns(items: torch.Tensor, posts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(every rank's item vectors, their post rows, where this rank's start): the in-batch softmax's
-    columns. The vectors keep their gradients back to the rank that computed them."""
+def gather_columns(
+    items: torch.Tensor, exposure: torch.Tensor, posts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(every rank's item vectors, their exposure terms, their post rows, where this rank's start): the
+    in-batch softmax's columns. The vectors and terms keep their gradients back to the rank that
+    computed them."""
     rank, size = world()
     if size == 1:
-        return items, posts, 0
-    columns = torch.cat(dist_nn.all_gather(items))
+        return items, exposure, posts, 0
+    columns = torch.cat(dist_nn.all_gather(torch.cat([items, exposure[:, None]], dim=1)))
     gathered = [torch.empty_like(posts) for _ in range(size)]
     dist.all_gather(gathered, posts)
-    return columns, torch.cat(gathered), rank * len(posts)
+    return columns[:, :-1], columns[:, -1], torch.cat(gathered), rank * len(posts)
 
 
 def softmax_scale(n_rows: int, device: torch.device) -> float:
@@ -146,9 +151,10 @@ def bce_loss(
     posts: torch.Tensor,
     labels: torch.Tensor,
     history_items: torch.Tensor | None = None,
+    post_stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The seed's objective: pointwise binary cross-entropy on views and their like targets."""
-    users, items = model.encode(batch, posts, history_items)
+    users, items = model.encode(batch, posts, history_items, post_stats)
     return F.binary_cross_entropy_with_logits((users * items).sum(-1) + model.bias, labels)
 
 
@@ -158,21 +164,30 @@ def sampled_softmax_loss(
     posts: torch.Tensor,
     log_q: torch.Tensor,
     history_items: torch.Tensor | None = None,
+    post_stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """In-batch softmax over liked posts: the other rows' posts are the negatives.
 
     logQ correction subtracts each post's log sampling frequency (popular posts are over-represented as
     negatives); accidental hits (the same post as another row's positive) are masked out.
     """
-    users, items = model.encode(batch, posts, history_items)
-    columns, column_posts, offset = gather_columns(items, posts)
-    logits = users @ columns.T + (model.exposure_scores(column_posts) - log_q[column_posts])[None, :]
+    users, items = model.encode(batch, posts, history_items, post_stats)
+    exposure = model.exposure_scores(posts, post_stats)
+    columns, column_exposure, column_posts, offset = gather_columns(items, exposure, posts)
+    post_term = column_exposure - log_q[column_posts]
+    logits = model.ranking_user_vector(users) @ model.ranking_columns(columns, post_term).T
     own = offset + torch.arange(len(posts), device=posts.device)
-    hits = (column_posts[None, :] == posts[:, None]) & (
-        torch.arange(len(column_posts), device=posts.device) != own[:, None]
-    )
-    logits = logits.masked_fill(hits, float("-inf"))
-    return F.cross_entropy(logits, own, reduction="sum") * softmax_scale(len(posts), posts.device)
+    return in_batch_cross_entropy(logits, posts, own, column_posts) * softmax_scale(len(posts), posts.device)
+
+
+def in_batch_cross_entropy(
+    scores: torch.Tensor, row_posts: torch.Tensor, own: torch.Tensor, column_posts: torch.Tensor
+) -> torch.Tensor:
+    """Summed cross-entropy of each row's own column (`own`) against the other columns, accidental hits
+    (another column showing the row's own post) masked out."""
+    columns = torch.arange(len(column_posts), device=scores.device)
+    hits = (column_posts[None, :] == row_posts[:, None]) & (columns[None, :] != own[:, None])
+    return F.cross_entropy(scores.masked_fill(hits, float("-inf")), own, reduction="sum")
 
 
 def joint_loss(
@@ -182,28 +197,37 @@ def joint_loss(
     labels: torch.Tensor,
     log_q: torch.Tensor,
     history_items: torch.Tensor | None = None,
+    post_stats: torch.Tensor | None = None,
     *,
     softmax_weight: float = 1.0,
+    exposure_weight: float = 1.0,
 ) -> torch.Tensor:
     """BCE on a batch of views plus an in-batch softmax for its liked views, from one forward pass.
 
     The softmax rows are the liked views; its candidates are all posts of the batch, which were sampled
     in proportion to how often they are viewed (log_q: the posts' log view frequency, the logQ
     correction). Ranking scores add the exposure term; accidental hits (another column showing the
-    row's own post) are masked out.
+    row's own post) are masked out. post_stats: each view's post statistics at its time (default: the
+    model's).
     """
-    users, items = model.encode(batch, posts, history_items)
+    users, items = model.encode(batch, posts, history_items, post_stats)
     bce = F.binary_cross_entropy_with_logits((users * items).sum(-1) + model.bias, labels)
-    columns, column_posts, offset = gather_columns(items, posts)  # every rank gathers, liked rows or not
+    exposure = model.exposure_scores(posts, post_stats)
+    # every rank gathers, liked rows or not
+    columns, column_exposure, column_posts, offset = gather_columns(items, exposure, posts)
     liked = torch.nonzero(labels > 0.5).squeeze(-1)
-    scores = users[liked] @ columns.T + (model.exposure_scores(column_posts) - log_q[column_posts])[None, :]
-    own = offset + liked
-    hits = (column_posts[None, :] == posts[liked][:, None]) & (
-        torch.arange(len(column_posts), device=posts.device) != own[:, None]
-    )
-    scores = scores.masked_fill(hits, float("-inf"))
-    softmax = F.cross_entropy(scores, own, reduction="sum") * softmax_scale(len(liked), posts.device)
-    return bce + softmax_weight * softmax
+    post_term = column_exposure - log_q[column_posts]
+    scores = model.ranking_user_vector(users[liked]) @ model.ranking_columns(columns, post_term).T
+    softmax = in_batch_cross_entropy(scores, posts[liked], offset + liked, column_posts)
+    loss = bce + softmax_weight * softmax * softmax_scale(len(liked), posts.device)
+    if exposure_weight > 0:  # what was shown: every view is a positive of the exposure terms alone
+        shown = post_term[None, :].expand(len(posts), -1)
+        if model.personal_exposure:
+            shown = shown + model.user_exposure(users) @ model.item_exposure(columns).T
+        own = offset + torch.arange(len(posts), device=posts.device)
+        exposure_loss = in_batch_cross_entropy(shown, posts, own, column_posts)
+        loss = loss + exposure_weight * exposure_loss * softmax_scale(len(posts), posts.device)
+    return loss
 
 
 def post_log_frequency(post_rows: np.ndarray, n_posts: int) -> torch.Tensor:
@@ -226,15 +250,25 @@ class TrainingStep(nn.Module):
         posts: torch.Tensor,
         labels: torch.Tensor,
         history_items: torch.Tensor | None = None,
+        post_stats: torch.Tensor | None = None,
     ) -> torch.Tensor:
         model, log_q = self.model, self.log_q
         if self.objective == "joint":
             return joint_loss(
-                model, batch, posts, labels, log_q, history_items, softmax_weight=self.softmax_weight
+                model,
+                batch,
+                posts,
+                labels,
+                log_q,
+                history_items,
+                post_stats,
+                softmax_weight=self.softmax_weight,
             )
         if self.objective == "bce":
-            return bce_loss(model, batch, posts, labels, history_items)
-        return self.softmax_weight * sampled_softmax_loss(model, batch, posts, log_q, history_items)
+            return bce_loss(model, batch, posts, labels, history_items, post_stats)
+        return self.softmax_weight * sampled_softmax_loss(
+            model, batch, posts, log_q, history_items, post_stats
+        )
 
 
 def to_device(batch: UserBatch, device: torch.device) -> UserBatch:
@@ -250,7 +284,7 @@ def predict(
     *,
     batch_size: int = 4096,
 ) -> np.ndarray:
-    """Like logits for every sample (eval mode)."""
+    """Calibrated like logits for every sample (eval mode): sigmoid of them is the like probability."""
     model.eval()
     device = model.bias.device
     out = np.empty(len(samples), dtype=np.float32)
@@ -258,12 +292,23 @@ def predict(
         part = slice(start, start + batch_size)
         batch = make_user_batch(users, histories, samples.user_rows[part], samples.times[part], model.config)
         posts = torch.from_numpy(samples.post_rows[part]).to(device)
-        out[part] = model(to_device(batch, device), posts).cpu().numpy()
+        out[part] = model.calibrated(model(to_device(batch, device), posts)).cpu().numpy()
     return out
 
 
+ECE_BINS = 15
+
+
+def expected_calibration_error(labels: np.ndarray, probability: np.ndarray, *, bins: int = ECE_BINS) -> float:
+    """Sum over equal-width probability bins of (share of samples) x |mean probability - like rate|."""
+    which = np.minimum((probability * bins).astype(np.int64), bins - 1)
+    gap = np.bincount(which, weights=probability - labels, minlength=bins)  # sum of (p - y) per bin
+    return float(np.abs(gap).sum() / max(len(labels), 1))
+
+
 def pointwise_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-    """ROC-AUC, accuracy at p=0.5 and log-loss of like logits against 0/1 labels."""
+    """ROC-AUC, accuracy at p=0.5, log-loss and expected calibration error of like logits against 0/1
+    labels."""
     labels = np.asarray(labels, dtype=np.float64)
     probability = np.clip(1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64))), 1e-7, 1 - 1e-7)
     has_both = 0 < labels.sum() < len(labels)
@@ -271,7 +316,48 @@ def pointwise_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float
         "roc_auc": float(roc_auc_score(labels, logits)) if has_both else float("nan"),
         "accuracy": float(((probability >= 0.5) == (labels >= 0.5)).mean()),
         "log_loss": float(-(labels * np.log(probability) + (1 - labels) * np.log(1 - probability)).mean()),
+        "ece": expected_calibration_error(labels, probability),
     }
+
+
+def fit_calibration(logits: np.ndarray, labels: np.ndarray, *, iterations: int = 100) -> tuple[float, float]:
+    """(scale, bias) minimising the log-loss of sigmoid(scale * logit + bias): Platt scaling, by Newton's
+    method with step halving on the two parameters (a convex problem), on the standardised scores.
+    Fitted on the validation window, it turns any score into a probability without changing a ranking
+    (a score that does not rise with the like rate gets a tiny scale and the mean rate as its bias)."""
+    x = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    assert len(x) == len(y) and 0 < y.sum() < len(y), "calibration needs liked and unliked samples"
+    mean, std = x.mean(), x.std() or 1.0
+    design = np.stack([(x - mean) / std, np.ones_like(x)], axis=1)
+
+    def loss(theta: np.ndarray) -> float:
+        z = design @ theta
+        return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+    rate = y.mean()
+    theta = np.array([0.0, np.log(rate / (1 - rate))])
+    current = loss(theta)
+    for _ in range(iterations):
+        p = expit(design @ theta)
+        gradient = design.T @ (p - y) / len(y)
+        hessian = (design * (p * (1 - p))[:, None]).T @ design / len(y) + 1e-12 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        while loss(theta - step) > current and np.abs(step).max() > 1e-12:
+            step /= 2
+        theta, previous, current = theta - step, current, loss(theta - step)
+        if previous - current < 1e-12:
+            break
+    slope = max(float(theta[0]), 1e-9)  # keep the order of the scores: a ranking never flips
+    return slope / std, float(theta[1]) - slope * mean / std
+
+
+def sample_post_stats(stats_by_day: tuple[int, np.ndarray], samples: Interactions) -> np.ndarray:
+    """[n, n_post_stats]: each sample's post statistics at the start of its day, from (day0, table) of
+    features.Dataset.post_stats_by_day (samples past the table read its last day)."""
+    day0, table = stats_by_day
+    day = np.clip((samples.times - day0) // DAY_SECONDS, 0, len(table) - 1)
+    return table[day, samples.post_rows]
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
@@ -292,7 +378,8 @@ def train_two_tower(
     views: Interactions | None = None,
     likes: Interactions | None = None,
     monitor_train: Interactions | None = None,
-    monitor_test: Interactions | None = None,
+    monitor_val: Interactions | None = None,
+    validate: Callable[[TwoTower], float] | None = None,
     objective: str,
     epochs: int,
     batch_size: int,
@@ -300,22 +387,30 @@ def train_two_tower(
     seed: int,
     device: torch.device | str = "cpu",
     history_items_every: int = 0,
+    stats_by_day: tuple[int, np.ndarray] | None = None,
     weight_decay: float = 1e-5,
     softmax_weight: float = 1.0,
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Train in place on `device`; returns one row per epoch (loss, speed, train/test pointwise metrics).
-    The model ends on the CPU, in eval mode.
+    """Train in place on `device`; returns one row per epoch (loss, speed, train/val pointwise metrics).
+    The model ends on the CPU, in eval mode, with the weights of its best epoch by `validate`.
 
     objective "bce": pointwise on `views` (with their like targets), an epoch is a pass over them.
     "softmax": in-batch sampled softmax on `likes`, an epoch is a pass over them.
     "joint": both losses on each batch of views (joint_loss), an epoch is a pass over the views; the
     ranking score then adds the model's exposure term (TwoTowerConfig.exposure_head).
-    monitor_train / monitor_test are views whose ROC-AUC, accuracy and log-loss are logged each epoch
-    (by rank 0 alone under torchrun). batch_size is the global batch: each of N ranks trains on 1/N.
+    monitor_train / monitor_val are views whose ROC-AUC, accuracy and log-loss are logged each epoch
+    (by rank 0 alone under torchrun). validate(model) scores the model on the validation window after
+    each epoch (higher is better, logged as "validation"); the weights of the best epoch are kept (early
+    stopping; rank 0 alone, which writes the model file). batch_size is the global batch: each of N
+    ranks trains on 1/N.
     history_items_every > 0: the histories read the item tower's output for every post, computed
     without gradient every that many steps, and the tower runs on the batch's targets alone (faster;
     0: the history's posts go through the tower, with gradient, at every step).
+    stats_by_day = (day0, table [n_days, n_posts, n_post_stats]): each sample's post statistics are
+    table[(time - day0) // 1 day], those before the start of its day (features.Dataset.post_stats_by_day),
+    so the item tower and the exposure term learn from the popularity of the moment, as they are used;
+    None: every sample reads the model's post_stats.
     """
     assert objective in OBJECTIVES, f"unknown objective {objective!r}, expected one of {OBJECTIVES}"
     rank, size = world()
@@ -345,6 +440,7 @@ def train_two_tower(
     batches = _batches(len(main), batch_size, rng)
     history: list[dict[str, float]] = []
     history_items = None
+    best_score, best_state = -float("inf"), None
     for epoch in range(1, epochs + 1):
         model.train()
         started, total_loss = time.perf_counter(), 0.0
@@ -359,7 +455,10 @@ def train_two_tower(
                 make_user_batch(users, histories, part.user_rows, part.times, model.config), device
             )
             posts, labels = (torch.from_numpy(a).to(device) for a in (part.post_rows, part.labels))
-            loss = loss_of(batch, posts, labels, history_items)
+            post_stats = None
+            if stats_by_day is not None:
+                post_stats = torch.from_numpy(sample_post_stats(stats_by_day, part)).to(device)
+            loss = loss_of(batch, posts, labels, history_items, post_stats)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -375,16 +474,26 @@ def train_two_tower(
             "seconds": seconds,
             "samples_per_s": steps_per_epoch * batch_size / seconds,
         }
-        for name, samples in (("train", monitor_train), ("test", monitor_test)):
+        for name, samples in (("train", monitor_train), ("val", monitor_val)):
             if rank == 0 and samples is not None and len(samples):
                 logits = predict(model, users, histories, samples)
                 row |= {
                     f"{name}_{key}": value for key, value in pointwise_metrics(samples.labels, logits).items()
                 }
+        if rank == 0 and validate is not None:
+            row["validation"] = validate(model.cpu())  # the evaluation's batches are built on the CPU
+            model.to(device)
+            if row["validation"] > best_score:
+                best_score = row["validation"]
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append(row)
         if show:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch",))
             tqdm.write(f"epoch {epoch}/{epochs}: {shown}")
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        best = max(history, key=lambda r: r["validation"])["epoch"]
+        log.info("kept the weights of epoch %d of %d (validation %.4f)", best, epochs, best_score)
     model.cpu()
     model.eval()
     return history

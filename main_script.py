@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from sqlalchemy.exc import DBAPIError
 import database
 import demo_data
 import get_features_table
-from evaluate import METRIC_KEYS, evaluate_model
+from evaluate import BASELINES, METRIC_KEYS, calibrate, evaluate_model, validation_score
 from features import (
     ACTION_LIKE,
     POST_STAT_NAMES,
@@ -263,6 +264,7 @@ def make_dataset(
         posts,
         feed,
         test_days=settings.test_days,
+        val_days=settings.val_days,
         train_sample=settings.train_sample,
         seed=settings.seed,
         **fitted,
@@ -287,6 +289,7 @@ def new_model(
         user_cardinalities=[len(data.vocabs[name]) for name in USER_CATEGORICALS],
         text_dim=settings.text_dim,
         max_history=settings.max_history,
+        max_likes=settings.max_likes,
         use_history=use_history,
         use_text=use_text,
         exposure_head=objective == "joint",
@@ -339,7 +342,8 @@ def train_stage(
         views=data.train_views,
         likes=data.train_likes,
         monitor_train=data.train_views.sample(20_000, seed=settings.seed),
-        monitor_test=data.test_views.sample(50_000, seed=settings.seed),
+        monitor_val=data.val_views.sample(50_000, seed=settings.seed),
+        validate=partial(validation_score, data=data),
         objective=settings.objective,
         epochs=settings.epochs,
         batch_size=settings.batch_size,
@@ -347,6 +351,7 @@ def train_stage(
         seed=settings.seed,
         device=training_device(settings.device),
         history_items_every=settings.history_items_every,
+        stats_by_day=(data.start, data.post_stats_by_day(data.val_cutoff)),
         progress=progress,
     )
     seconds["train"] = time.perf_counter() - clock
@@ -354,7 +359,9 @@ def train_stage(
         return TrainResult(model, data, {}, history, None, seconds)
 
     clock = time.perf_counter()
-    metrics: dict[str, dict[str, float]] = {}
+    scale, bias = calibrate(model, data)
+    log.info("calibration on the validation views: P(like) = sigmoid(%.3f * logit %+.3f)", scale, bias)
+    metrics: dict[str, dict] = {}
     if evaluate:
         metrics = evaluate_model(
             model, data, truth=load_truth(settings), feed=feed, seed=settings.seed, progress=progress
@@ -453,7 +460,7 @@ def write_history(history: list[dict[str, float]], out_dir: Path) -> list[Path]:
     json_path.write_text(json.dumps(history, indent=2))
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for axis, metric in zip(axes, ("loss", "roc_auc", "accuracy"), strict=True):
-        for split in ("train", "test"):
+        for split in ("train", "val"):
             column = metric if metric == "loss" and split == "train" else f"{split}_{metric}"
             if column in frame:
                 axis.plot(frame["epoch"], frame[column], marker="o", label=f"{split} {metric}")
@@ -467,7 +474,7 @@ def write_history(history: list[dict[str, float]], out_dir: Path) -> list[Path]:
 
 
 def summary_table(metrics: dict[str, dict[str, float]]) -> str:
-    names = [name for name in ("model", "popularity", "random", "oracle") if name in metrics]
+    names = [name for name in ("model", *BASELINES, "oracle") if name in metrics]
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for key in METRIC_KEYS:
         cells = [metrics[name].get(key, math.nan) for name in names]
@@ -585,10 +592,7 @@ def evaluate_saved(settings: Settings, *, progress: bool = True) -> dict[str, di
         age_scaler=tuple(payload["age_scaler"]),
         stats_scaler=(payload["stats_scaler"]["mean"].numpy(), payload["stats_scaler"]["std"].numpy()),
     )
-    model = two_tower_from_payload(payload)
-    # The file carries statistics up to the end of the feed; the protocol scores with the training window's.
-    with torch.no_grad():
-        model.post_stats.copy_(torch.from_numpy(data.post_stats))
+    model = two_tower_from_payload(payload)  # evaluate_model sets the statistics of each window's cutoff
     return evaluate_model(
         model, data, truth=load_truth(settings), feed=feed, seed=settings.seed, progress=progress
     )

@@ -2,7 +2,9 @@
 rebuilt from its file. The service and the training pipeline both import this module; the losses and the
 training loops live apart, in learn_model.py.
 
-score(user, post) = <UserTower(user, history before t), ItemTower(post)> + bias: a like logit.
+like logit(user, post) = <u, v> + bias, u = UserTower(user, history before t), v = ItemTower(post);
+ranking score = <u, v> + <A u, B v> + exposure(post) = ranking_item_matrix() @ ranking_user_vector(u):
+the like logit's part and what the feed shows (a personal and a per-post exposure term), one product.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class TwoTowerConfig:
     use_history: bool = True
     use_text: bool = True
     exposure_head: bool = False  # a per-post "how often is it shown" term, added to the ranking score
+    exposure_dim: int = 16  # with the exposure head: a personal one too, <A u, B v> (0 = per post only)
 
 
 @dataclass
@@ -268,6 +271,8 @@ class TwoTower(nn.Module):
         self.register_buffer("post_text", torch.zeros(config.n_posts, config.text_dim))
         self.register_buffer("post_topic", torch.zeros(config.n_posts, dtype=torch.long))
         self.register_buffer("post_stats", torch.zeros(config.n_posts, config.n_post_stats))
+        # (scale, bias) fitted on the validation window: P(like) = sigmoid(scale * logit + bias)
+        self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
         if config.exposure_head:
             self.exposure_topic = nn.Embedding(config.n_topics, 8)
             # No bias on the last layer: a constant added to every post changes no softmax and no ranking,
@@ -275,6 +280,12 @@ class TwoTower(nn.Module):
             self.exposure = nn.Sequential(
                 nn.Linear(8 + config.n_post_stats, 32), nn.GELU(), nn.Linear(32, 1, bias=False)
             )
+        # What the feed shows a user follows their taste as well (not only what they like): the personal
+        # exposure <A u, B v> lets the like logit <u, v> and the ranking score part where they differ.
+        self.personal_exposure = config.exposure_head and config.exposure_dim > 0
+        if self.personal_exposure:
+            self.user_exposure = nn.Linear(config.embed_dim, config.exposure_dim, bias=False)
+            self.item_exposure = nn.Linear(config.embed_dim, config.exposure_dim, bias=False)
 
     def set_post_features(self, text: np.ndarray, topic: np.ndarray, stats: np.ndarray) -> None:
         assert len(text) == len(topic) == len(stats) == self.config.n_posts, "one feature row per post"
@@ -282,10 +293,13 @@ class TwoTower(nn.Module):
         self.post_topic.copy_(torch.as_tensor(topic, dtype=torch.long))
         self.post_stats.copy_(torch.as_tensor(stats, dtype=torch.float32))
 
-    def exposure_scores(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The ranking's post-only term (log of how often the feed shows the post); zeros without the head."""
+    def exposure_scores(
+        self, rows: torch.Tensor | None = None, stats: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The ranking's post-only term (log of how often the feed shows the post); zeros without the head.
+        stats: the rows' post statistics (default: the model's post_stats)."""
         rows = torch.arange(self.config.n_posts) if rows is None else rows
-        return self._exposure(self.post_topic[rows], self.post_stats[rows])
+        return self._exposure(self.post_topic[rows], self.post_stats[rows] if stats is None else stats)
 
     def _exposure(self, topic: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
         if not self.config.exposure_head:
@@ -293,38 +307,62 @@ class TwoTower(nn.Module):
         return self.exposure(torch.cat([self.exposure_topic(topic), stats], dim=-1)).squeeze(-1)
 
     def ranking_item_matrix(self) -> torch.Tensor:
-        """[n_posts, embed_dim + 1]: item embeddings with the exposure term as a last column.
+        """[n_posts, ranking_width]: item embeddings v, the personal exposure's B v, the exposure term.
 
-        ranking score = ranking_item_matrix() @ ranking_user_vector(u) = <u, v> + exposure, so the
-        recommendation stays one matrix-vector product.
+        ranking score = ranking_item_matrix() @ ranking_user_vector(u) = <u, v> + <A u, B v> + exposure,
+        so the recommendation stays one matrix-vector product.
         """
         return self.ranking_rows(self.post_text, self.post_topic, self.post_stats)
 
     def ranking_rows(self, text: torch.Tensor, topic: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
         """ranking_item_matrix() for any posts given by their features (text codes, topic, statistics):
         how the service scores posts that appeared after training, and statistics that moved since."""
-        return torch.cat([self.items(text, topic, stats), self._exposure(topic, stats)[:, None]], dim=1)
+        return self.ranking_columns(self.items(text, topic, stats), self._exposure(topic, stats))
 
-    @staticmethod
-    def ranking_user_vector(users: torch.Tensor) -> torch.Tensor:
-        return torch.cat([users, torch.ones(*users.shape[:-1], 1)], dim=-1)
+    def ranking_columns(self, items: torch.Tensor, post_term: torch.Tensor) -> torch.Tensor:
+        """Item embeddings [n, d] and a per-post term [n] -> ranking rows [n, ranking_width]."""
+        parts = [items, self.item_exposure(items)] if self.personal_exposure else [items]
+        return torch.cat([*parts, post_term[:, None]], dim=1)
 
-    def item_embeddings(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """ItemTower output for the given post rows (all posts when None)."""
+    def ranking_user_vector(self, users: torch.Tensor) -> torch.Tensor:
+        """User embeddings [..., d] -> [..., ranking_width]: [u, A u, 1]."""
+        parts = [users, self.user_exposure(users)] if self.personal_exposure else [users]
+        return torch.cat([*parts, torch.ones(*users.shape[:-1], 1, device=users.device)], dim=-1)
+
+    def item_embeddings(
+        self, rows: torch.Tensor | None = None, stats: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """ItemTower output for the given post rows (all posts when None), with their statistics `stats`
+        (default: the model's post_stats; training gives each sample's statistics at its own time)."""
         if rows is None:
-            return self.items(self.post_text, self.post_topic, self.post_stats)
-        return self.items(self.post_text[rows], self.post_topic[rows], self.post_stats[rows])
+            rows = torch.arange(self.config.n_posts, device=self.post_text.device)
+        stats = self.post_stats[rows] if stats is None else stats
+        return self.items(self.post_text[rows], self.post_topic[rows], stats)
 
     def user_embeddings(self, batch: UserBatch) -> torch.Tensor:
         return self.encode(batch, torch.zeros(0, dtype=torch.long))[0]
 
     def encode(
-        self, batch: UserBatch, post_rows: torch.Tensor, history_items: torch.Tensor | None = None
+        self,
+        batch: UserBatch,
+        post_rows: torch.Tensor,
+        history_items: torch.Tensor | None = None,
+        post_stats: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(user embeddings [B, d], item embeddings of post_rows [n, d]): one item-tower pass over the
         distinct posts of the histories and post_rows together, scattered back to [B, H, d] and [n, d].
         With history_items (a table [n_posts, d], e.g. the item tower's output a few steps ago, without
-        gradient) the history reads that table and the tower runs over post_rows' posts alone."""
+        gradient) the history reads that table and the tower runs over post_rows' posts alone. With
+        post_stats ([n, n_post_stats], each post row's statistics at its sample's time) the tower runs
+        over post_rows one by one, and over the history's distinct posts with the model's statistics."""
+        if post_stats is not None:
+            items = self.item_embeddings(post_rows, post_stats)
+            if not self.config.use_history:
+                return self.users(batch, torch.empty(0)), items
+            if history_items is None:
+                unique, inverse = torch.unique(batch.hist_post, return_inverse=True)
+                return self.users(batch, self.item_embeddings(unique)[inverse]), items
+            return self.users(batch, history_items[batch.hist_post]), items
         if not self.config.use_history:
             return self.users(batch, torch.empty(0)), self.item_embeddings(post_rows)
         if history_items is not None:
@@ -336,8 +374,13 @@ class TwoTower(nn.Module):
         users = self.users(batch, items[:n_history].view(*batch.hist_post.shape, -1))
         return users, items[n_history:]
 
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """Raw like logits (what training fits) -> calibrated ones, whose sigmoid is the like probability;
+        monotone (scale > 0), so no ranking changes."""
+        return logits * self.calibration[0] + self.calibration[1]
+
     def forward(self, batch: UserBatch, post_rows: torch.Tensor) -> torch.Tensor:
-        """Like logits for (user_i, post_i) pairs."""
+        """Raw like logits for (user_i, post_i) pairs (calibrated() turns them into probabilities)."""
         users, items = self.encode(batch, post_rows)
         return (users * items).sum(-1) + self.bias
 
@@ -346,15 +389,16 @@ class TwoTower(nn.Module):
 
 
 class _OnnxUserTower(nn.Module):
-    """UserTower with the batch's fields as separate inputs and the history's item encodings given."""
+    """UserTower with the batch's fields as separate inputs and the history's item encodings given; its
+    output is the ranking user vector (ranking_item_matrix() @ it = the posts' ranking scores)."""
 
-    def __init__(self, users: UserTower):
+    def __init__(self, model: TwoTower):
         super().__init__()
-        self.users = users
+        self.model = model
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         *fields, history_items = inputs
-        return self.users(UserBatch(*fields), history_items)
+        return self.model.ranking_user_vector(self.model.users(UserBatch(*fields), history_items))
 
 
 ONNX_INPUTS = (
@@ -388,7 +432,7 @@ def user_tower_onnx(model: TwoTower) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on shapes fixed at batch 1
         torch.onnx.export(
-            _OnnxUserTower(model.users).eval(),
+            _OnnxUserTower(model).eval(),
             example,
             graph,
             dynamo=False,

@@ -8,7 +8,7 @@ training, and the post statistics at the latest event. `Recommender.apply(change
 state and swaps it in with one assignment, so a request reads one whole state, never a half-built one.
 
 Per request: user features + the history strictly before `time` (both layers) -> the user tower (ONNX
-Runtime, inference.py) -> scores = ranking_matrix @ [user, 1] -> drop posts liked before `time` and posts
+Runtime, inference.py) -> scores = ranking_matrix @ user vector -> drop posts liked before `time` and posts
 gone from post_text_df -> the top `limit`, ties to the lower post id. No pandas, no database and no
 per-operation torch dispatch on this path.
 """
@@ -153,13 +153,14 @@ class ServingState:
     post_topic: torch.Tensor  # [n_posts]
     live: np.ndarray  # bool per post row: in post_text_df at the last look (only these are recommended)
     post_json: tuple[bytes | None, ...]  # each post's PostGet JSON, None while its text is not in memory
-    ranking_matrix: np.ndarray  # float32 [n_posts, embed_dim + 1]: item embeddings and the exposure term
+    ranking_matrix: np.ndarray  # float32 [n_posts, ranking width]: item embeddings first (model.py)
     search: ExactSearch | FaissSearch  # top-k over the ranking matrix
     stats_time: int  # the post statistics hold events before this time (one past the latest)
+    item_dim: int  # the item embeddings' width: the first columns of the ranking matrix
 
     @property
     def item_matrix(self) -> np.ndarray:
-        return self.ranking_matrix[:, :-1]
+        return self.ranking_matrix[:, : self.item_dim]
 
     @property
     def gone(self) -> np.ndarray:
@@ -280,6 +281,7 @@ class Recommender:
             ranking_matrix=ranking_matrix,
             search=make_search(ranking_matrix, faiss_min_posts=faiss_min_posts, threads=threads),
             stats_time=snapshot.end,
+            item_dim=model.config.embed_dim,
         )
         self._apply_lock = threading.Lock()  # one refresh at a time builds on the current state
         graph = payload["user_tower_onnx"].numpy().tobytes()
@@ -342,12 +344,11 @@ class Recommender:
         users: UserFeatures | None = None,
         histories: Histories | LayeredHistories | None = None,
     ) -> np.ndarray:
-        """[user embedding, 1]: ranking_matrix @ query is every post's ranking score."""
+        """The ranking user vector: ranking_matrix @ query is every post's ranking score."""
         users = state.users if users is None else users
         histories = state.histories if histories is None else histories
         inputs = request_inputs(users, histories, user_row, time, self.model.config)
-        user = self._user_tower(inputs, state.item_matrix[inputs.posts])
-        return np.append(user, np.float32(1.0))
+        return self._user_tower(inputs, state.item_matrix[inputs.posts])
 
     def newcomer(self, state: ServingState, user: Any) -> tuple[UserFeatures, Histories]:
         """Features and history of a user in user_data that the state does not hold yet (an ORM row or

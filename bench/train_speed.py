@@ -79,6 +79,7 @@ def measure(objectives: list[str], profile_steps: int) -> dict:
             seed=settings.seed,
             device=device,
             history_items_every=settings.history_items_every,
+            stats_by_day=(data.start, data.post_stats_by_day(data.val_cutoff)),
             progress=False,
         )
         epochs[objective] = {"epoch_s": history[0]["seconds"], "samples_per_s": history[0]["samples_per_s"]}

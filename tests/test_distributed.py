@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from features import Dataset, build_dataset
 from get_model import load_model_file
-from learn_model import TrainingStep, post_log_frequency, train_two_tower
+from learn_model import TrainingStep, post_log_frequency, sample_post_stats, train_two_tower
 from model import TwoTower, TwoTowerConfig, make_user_batch
 
 STEPS, BATCH = 4, 64
@@ -87,6 +87,7 @@ def train(model: TwoTower, data: Dataset) -> None:
         batch_size=BATCH,
         lr=5e-3,
         seed=0,
+        stats_by_day=(data.start, data.post_stats_by_day(data.val_cutoff)),
         progress=False,
     )
 
@@ -97,7 +98,9 @@ def step_gradients(model: TwoTower, data: Dataset, rows: np.ndarray) -> dict[str
     loss_of = DistributedDataParallel(step) if dist.is_initialized() else step
     part = data.train_views.subset(rows)
     batch = make_user_batch(data.users, data.histories, part.user_rows, part.times, model.config)
-    loss_of(batch, torch.from_numpy(part.post_rows), torch.from_numpy(part.labels)).backward()
+    stats = sample_post_stats((data.start, data.post_stats_by_day(data.val_cutoff)), part)
+    posts, labels = torch.from_numpy(part.post_rows), torch.from_numpy(part.labels)
+    loss_of(batch, posts, labels, None, torch.from_numpy(stats)).backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
@@ -198,3 +201,31 @@ def test_the_device_setting(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun, a rank takes its own GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert main_script.training_device("auto") == torch.device("cuda", 1)
+
+
+def test_training_keeps_the_weights_of_the_epoch_best_on_validation():
+    model, data = problem()
+    seen: list[dict[str, torch.Tensor]] = []
+    scores = iter([0.2, 0.5, 0.1])  # epoch 2 is the best
+
+    def validate(candidate: TwoTower) -> float:
+        seen.append({k: v.clone() for k, v in candidate.state_dict().items()})
+        return next(scores)
+
+    history = train_two_tower(
+        model,
+        users=data.users,
+        histories=data.histories,
+        views=data.train_views,
+        objective="joint",
+        epochs=3,
+        batch_size=BATCH,
+        lr=5e-3,
+        seed=0,
+        validate=validate,
+        progress=False,
+    )
+    assert [row["validation"] for row in history] == [0.2, 0.5, 0.1]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, seen[1][name]), f"{name} is not epoch 2's"
+    assert not all(torch.equal(value, seen[2][name]) for name, value in model.state_dict().items())

@@ -121,7 +121,7 @@ def test_post_statistics_use_only_events_before_the_cutoff(feed):
     )
 
 
-def test_dataset_split_is_temporal_and_aggregates_ignore_the_test_window(feed):
+def test_dataset_windows_are_temporal_and_aggregates_ignore_later_windows(feed):
     users = pd.DataFrame(
         {
             "user_id": np.arange(200, 240),
@@ -135,16 +135,26 @@ def test_dataset_split_is_temporal_and_aggregates_ignore_the_test_window(feed):
         }
     )
     posts = pd.DataFrame({"post_id": np.arange(1, 26), "text": "t", "topic": "movie"})
-    data = build_dataset(users, posts, feed, test_days=10)
-    assert (data.train_views.times < data.cutoff - 3600).all()
-    assert (data.train_likes.times < data.cutoff).all()
+    data = build_dataset(users, posts, feed, test_days=10, val_days=5)
+    assert data.start < data.val_cutoff == data.cutoff - 5 * 86400 < data.cutoff < data.end
+    assert (data.train_views.times < data.val_cutoff - 3600).all()
+    assert (data.train_likes.times < data.val_cutoff).all()
+    assert ((data.val_views.times >= data.val_cutoff) & (data.val_views.times < data.cutoff)).all()
     assert (data.test_views.times >= data.cutoff).all()
+    assert len(data.val_views) and len(data.test_views)
     mutated = feed.copy()
-    after = to_seconds(mutated["timestamp"]) >= data.cutoff
+    after = to_seconds(mutated["timestamp"]) >= data.val_cutoff
     mutated.loc[after, "post_id"] = 1
-    again = build_dataset(users, posts, mutated, test_days=10)
-    assert again.cutoff == data.cutoff
-    assert np.array_equal(again.post_stats, data.post_stats), "post statistics saw the test window"
+    again = build_dataset(users, posts, mutated, test_days=10, val_days=5)
+    assert again.val_cutoff == data.val_cutoff
+    assert np.array_equal(again.post_stats, data.post_stats), "training statistics saw a later window"
+    assert np.array_equal(again.post_stats_at(data.val_cutoff), data.post_stats_at(data.val_cutoff))
+    assert not np.array_equal(again.post_stats_at(data.cutoff), data.post_stats_at(data.cutoff))
+    assert np.allclose(data.post_stats_at(data.val_cutoff), data.post_stats, atol=1e-5), (
+        "the statistics from the histories and from the feed agree"
+    )
+    with pytest.raises(AssertionError, match="no training window"):
+        build_dataset(users, posts, feed, test_days=30, val_days=15)
 
 
 def test_unknown_category_maps_to_the_unknown_bucket():
@@ -196,3 +206,41 @@ def test_layered_histories_read_as_the_histories_of_all_events(feed):
     empty = LayeredHistories(base, Histories.empty(45))
     for a, b in zip(empty.window(rows % 40, times, 12), base.window(rows % 40, times, 12), strict=True):
         assert np.array_equal(a, b)
+
+
+def test_post_statistics_by_day_are_those_at_each_day_start(feed):
+    users = pd.DataFrame(
+        {
+            "user_id": np.arange(200, 240),
+            "gender": 0,
+            "age": 30,
+            "country": "Russia",
+            "city": "Moscow",
+            "exp_group": 1,
+            "os": "iOS",
+            "source": "ads",
+        }
+    )
+    posts = pd.DataFrame({"post_id": np.arange(1, 26), "text": "t", "topic": "movie"})
+    data = build_dataset(users, posts, feed, test_days=10, val_days=5)
+    table = data.post_stats_by_day(data.val_cutoff)
+    assert len(table) == (data.val_cutoff - data.start) // 86400 + 1
+    for day in (0, 1, 6, 7, 8, 20, len(table) - 1):
+        expected = data.post_stats_at(data.start + day * 86400)
+        np.testing.assert_allclose(table[day], expected, atol=1e-5, err_msg=f"day {day}")
+
+
+def test_training_samples_read_the_statistics_of_their_day_start(feed):
+    from learn_model import sample_post_stats
+
+    users = pd.DataFrame({"user_id": np.arange(200, 240), "gender": 0, "age": 30, "country": "Russia"})
+    users = users.assign(city="Moscow", exp_group=1, os="iOS", source="ads")
+    posts = pd.DataFrame({"post_id": np.arange(1, 26), "text": "t", "topic": "movie"})
+    data = build_dataset(users, posts, feed, test_days=10, val_days=5)
+    samples = data.train_views.subset(np.arange(0, len(data.train_views), 97))
+    stats = sample_post_stats((data.start, data.post_stats_by_day(data.val_cutoff)), samples)
+    for i in range(len(samples)):
+        day_start = data.start + (samples.times[i] - data.start) // 86400 * 86400
+        assert day_start <= samples.times[i], "a sample never reads statistics from after it"
+        expected = data.post_stats_at(day_start)[samples.post_rows[i]]
+        np.testing.assert_allclose(stats[i], expected, atol=1e-5)

@@ -320,5 +320,5 @@ def test_the_request_path_computes_the_user_tower_of_training(tiny_model, tiny_t
         got = recommender._user_tower(inputs, state.item_matrix[inputs.posts])
         batch = make_user_batch(users, histories, np.array([row]), np.array([moment]), model.config)
         with torch.inference_mode():
-            expected = model.users(batch, items[batch.hist_post])[0].numpy()
+            expected = model.ranking_user_vector(model.users(batch, items[batch.hist_post]))[0].numpy()
         np.testing.assert_allclose(got, expected, atol=2e-5, err_msg=f"row {row} at {moment}")

@@ -1,0 +1,252 @@
+"""The evaluation protocol pinned on cases small enough to compute by hand: the metrics, the cutoff, the
+exclusions, the tie order, the baselines and the calibration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics.pairwise import cosine_similarity
+
+import main_script
+from evaluate import (
+    BASELINES,
+    RankingTask,
+    bootstrap_interval,
+    constant_block,
+    ease_weights,
+    evaluate_model,
+    evaluate_ranking,
+    item_knn_weights,
+    like_matrix,
+    ranking_task,
+    top_k,
+)
+from features import build_dataset, build_user_histories, to_seconds
+from learn_model import expected_calibration_error, fit_calibration, pointwise_metrics
+from model import make_user_batch
+from settings import Settings
+
+T0 = pd.Timestamp("2021-10-01 00:00:00")
+N_POSTS = 12
+
+
+def csr(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    ptr = np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int64)
+    return ptr, np.array([v for x in lists for v in sorted(x)], dtype=np.int64)
+
+
+def hand_task() -> RankingTask:
+    """User 0 liked post 0 before the cutoff and posts 3 and 11 after; user 1 liked post 11 after."""
+    excluded_ptr, excluded = csr([[0], []])
+    relevant_ptr, relevant = csr([[3, 11], [11]])
+    return RankingTask(np.array([0, 1]), excluded_ptr, excluded, relevant_ptr, relevant, N_POSTS)
+
+
+def hand_scores(rows: np.ndarray) -> np.ndarray:
+    """User 0 prefers lower post rows (post 0 best); user 1 sees every post as equal (a tie)."""
+    scores = np.zeros((len(rows), N_POSTS), dtype=np.float32)
+    scores[rows == 0] = N_POSTS - np.arange(N_POSTS)
+    return scores
+
+
+def test_ranking_metrics_match_a_hand_computation():
+    result = evaluate_ranking(hand_scores, hand_task())
+    # user 0: post 0 excluded, top-10 = posts 1..10, post 3 third -> hit, recall 1/2,
+    # NDCG = (1/log2 4) / (1 + 1/log2 3). User 1: the tie gives posts 0..9 -> no hit.
+    ndcg_user0 = (1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    assert result["hitrate@5"] == pytest.approx(0.5)
+    assert result["recall@10"] == pytest.approx(0.25)
+    assert result["ndcg@10"] == pytest.approx(ndcg_user0 / 2)
+    assert result["coverage"] == pytest.approx(11 / 12)  # posts 0..10 shown, post 11 never
+
+
+def test_ties_go_to_the_lower_post_row():
+    scores = torch.zeros(2, N_POSTS)
+    scores[1, 5] = 1.0
+    assert top_k(scores, 4).tolist() == [[0, 1, 2, 3], [5, 0, 1, 2]]
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_users():
+    rng = np.random.default_rng(0)
+    few, many = rng.random(50), rng.random(5000)
+    low, high = bootstrap_interval(few, seed=1)
+    assert low < few.mean() < high
+    wide, narrow = high - low, np.subtract(*bootstrap_interval(many, seed=1)[::-1])
+    assert narrow < wide / 5, "the interval must shrink like 1/sqrt(n)"
+    assert bootstrap_interval(np.ones(10)) == [1.0, 1.0]
+    result = evaluate_ranking(hand_scores, hand_task())
+    assert result["hitrate@5_ci"][0] <= result["hitrate@5"] <= result["hitrate@5_ci"][1]
+
+
+def feed_of(events: list[tuple[float, int, int, bool]]) -> pd.DataFrame:
+    """A feed from (day, user_id, post_id, liked): a view, and a like row a second later when liked."""
+    rows = []
+    for day, user, post, liked in events:
+        at = T0 + pd.Timedelta(days=day)
+        rows.append((at, user, post, "view", int(liked)))
+        if liked:
+            rows.append((at + pd.Timedelta(seconds=1), user, post, "like", 0))
+    frame = pd.DataFrame(rows, columns=["timestamp", "user_id", "post_id", "action", "target"])
+    return frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
+
+
+def test_ranking_task_splits_likes_at_the_cutoff_and_excludes_the_known():
+    feed = feed_of(
+        [
+            (1, 200, 1, True),  # before: excluded for user 200
+            (2, 200, 2, False),  # a view is neither excluded nor relevant
+            (5, 200, 1, True),  # liked again after: not a hit (already known)
+            (6, 200, 3, True),  # relevant
+            (9, 200, 4, True),  # after the window's end: not relevant
+            (6, 201, 2, False),  # user 201 has no like in the window: not ranked
+        ]
+    )
+    histories = build_user_histories(feed, np.array([200, 201]), np.arange(1, 6))
+    cutoff, end = (to_seconds(pd.Series([T0 + pd.Timedelta(days=d)]))[0] for d in (4, 8))
+    task = ranking_task(histories, cutoff, 5, end=end)
+    assert task.user_rows.tolist() == [0]
+    assert task.excluded_post[task.excluded_ptr[0] : task.excluded_ptr[1]].tolist() == [0]
+    assert task.relevant_post[task.relevant_ptr[0] : task.relevant_ptr[1]].tolist() == [2]
+    assert ranking_task(histories, cutoff, 5).relevant_post.tolist() == [2, 3], "no end: every later like"
+
+
+def test_item_knn_is_cosine_and_ease_solves_its_regression():
+    rng = np.random.default_rng(0)
+    likes = like_matrix_of((rng.random((40, 9)) < 0.3).astype(np.float32))
+    knn = item_knn_weights(likes)
+    expected = cosine_similarity(likes.T.toarray())
+    np.fill_diagonal(expected, 0.0)
+    assert np.allclose(knn, expected, atol=1e-6)
+    # EASE column j is the ridge regression of post j's likes on the other posts' likes.
+    x, regulariser = likes.toarray().astype(np.float64), 5.0
+    weights = ease_weights(likes, regulariser)
+    for j in range(x.shape[1]):
+        others = np.delete(np.arange(x.shape[1]), j)
+        a = x[:, others]
+        ridge = np.linalg.solve(a.T @ a + regulariser * np.eye(len(others)), a.T @ x[:, j])
+        assert np.allclose(weights[others, j], ridge, atol=1e-4)
+        assert weights[j, j] == 0.0
+
+
+def like_matrix_of(dense: np.ndarray):
+    from scipy import sparse
+
+    return sparse.csr_matrix(dense)
+
+
+def test_like_matrix_counts_likes_before_the_cutoff_once():
+    feed = feed_of([(1, 200, 1, True), (2, 200, 1, True), (3, 201, 2, True), (6, 201, 3, True)])
+    histories = build_user_histories(feed, np.array([200, 201]), np.arange(1, 4))
+    cutoff = to_seconds(pd.Series([T0 + pd.Timedelta(days=5)]))[0]
+    assert like_matrix(histories, cutoff, 3).toarray().tolist() == [[1, 0, 0], [0, 1, 0]]
+
+
+def test_calibration_recovers_a_known_scale_and_bias_and_lowers_the_error():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 2.0, 200_000)
+    labels = (rng.random(len(logits)) < 1 / (1 + np.exp(-(0.5 * logits - 1.0)))).astype(np.float64)
+    scale, bias = fit_calibration(logits, labels)
+    assert scale == pytest.approx(0.5, abs=0.02) and bias == pytest.approx(-1.0, abs=0.02)
+    raw, calibrated = pointwise_metrics(labels, logits), pointwise_metrics(labels, scale * logits + bias)
+    assert calibrated["log_loss"] < raw["log_loss"] and calibrated["ece"] < raw["ece"] / 5
+    assert calibrated["roc_auc"] == pytest.approx(raw["roc_auc"]), "calibration keeps every ranking"
+    # a baseline's score is no logit: large and shifted (item-kNN sums, counts) must calibrate as well
+    big_scale, big_bias = fit_calibration(40 * logits + 300, labels)
+    assert big_scale * 40 == pytest.approx(0.5, abs=0.02)
+    assert big_scale * 300 + big_bias == pytest.approx(-1.0, abs=0.05)
+
+
+def test_expected_calibration_error_by_hand():
+    # two bins used: p=0.05 (bin 0) with like rate 0.5, p=0.95 (bin 14) with like rate 1.0
+    probability = np.array([0.05, 0.05, 0.95, 0.95])
+    labels = np.array([0.0, 1.0, 1.0, 1.0])
+    assert expected_calibration_error(labels, probability) == pytest.approx(0.5 * 0.45 + 0.5 * 0.05)
+
+
+# ----------------------------------------------------------------------------- the whole report
+
+
+def leak_scenario() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """30 days: test window days 20-30, validation 15-20. Before the cutoff posts 1..5 are the popular
+    ones (posts 6 the recent one); in the test window eight new users like post 12 alone, which nobody
+    liked before. Honest popularity therefore never hits; counting test-window likes always would."""
+    events: list[tuple[float, int, int, bool]] = []
+    for post, n_likers in zip(range(1, 6), (5, 4, 3, 2, 1), strict=True):
+        events += [(1 + u, 300 + u, post, True) for u in range(n_likers)]
+    events += [(8 + u * 0.1, 300 + u, 7 + u % 4, False) for u in range(15)]
+    events += [(15.5 + u * 0.1, 300 + u, 6, u % 3 == 0) for u in range(15)]  # validation window
+    events += [(16 + u * 0.1, 300 + u, 1 + u % 5, u % 2 == 0) for u in range(15)]
+    events += [(21 + u, 400 + u, 11, False) for u in range(8)]
+    events += [(21.5 + u, 400 + u, 12, True) for u in range(8)]
+    events += [(30, 300, 10, False)]
+    feed = feed_of(events)
+    user_ids = np.unique(feed["user_id"])
+    users = pd.DataFrame(
+        {
+            "user_id": user_ids,
+            "gender": 0,
+            "age": 30,
+            "country": "Russia",
+            "city": "Moscow",
+            "exp_group": 1,
+            "os": "iOS",
+            "source": "ads",
+        }
+    )
+    posts = pd.DataFrame({"post_id": np.arange(1, 13), "text": "t", "topic": "movie"})
+    return users, posts, feed
+
+
+def test_baselines_never_count_the_test_window():
+    users, posts, feed = leak_scenario()
+    data = build_dataset(users, posts, feed, test_days=10, val_days=5)
+    settings = Settings(text_dim=4, max_history=4)
+    model = main_script.new_model(settings, data, np.zeros((N_POSTS, 4), np.float32))
+    results = evaluate_model(model, data, progress=False)
+    assert results["model"]["ranked_users"] == 8
+    for name in ("popularity", "recent_popularity"):
+        assert results[name]["hitrate@5"] == 0.0, f"{name} counted likes at or after the cutoff"
+    assert set(BASELINES) <= set(results)
+    assert results["protocol"]["validation_cutoff"] < results["protocol"]["test_cutoff"] == data.cutoff
+
+
+def test_the_model_is_scored_at_the_cutoff(tiny_model):
+    users, posts, feed = main_script.load_tables(tiny_model, progress=False)
+    payload = main_script.get_model(tiny_model)
+    data = main_script.make_dataset(
+        tiny_model,
+        users,
+        posts,
+        feed,
+        vocabs=payload["vocabs"],
+        age_scaler=tuple(payload["age_scaler"]),
+        stats_scaler=(payload["stats_scaler"]["mean"].numpy(), payload["stats_scaler"]["std"].numpy()),
+    )
+    model = main_script.two_tower_from_payload(payload)
+    reported = evaluate_model(model, data, progress=False)["model"]
+
+    with torch.no_grad():
+        model.post_stats.copy_(torch.from_numpy(data.post_stats_at(data.cutoff)))
+        items = model.ranking_item_matrix()
+
+    def at_cutoff(rows: np.ndarray) -> np.ndarray:
+        times = np.full(len(rows), data.cutoff)
+        with torch.no_grad():
+            batch = make_user_batch(data.users, data.histories, rows, times, model.config)
+            return (model.ranking_user_vector(model.user_embeddings(batch)) @ items.T).numpy()
+
+    task = ranking_task(data.histories, data.cutoff, len(data.post_ids), end=data.end + 1)
+    expected = evaluate_ranking(at_cutoff, task)
+    assert reported["ranked_users"] == len(task.user_rows) > 20
+    for key in ("hitrate@5", "recall@10", "ndcg@10", "coverage"):
+        assert reported[key] == pytest.approx(expected[key], abs=1e-12), key
+
+
+def test_popularity_block_breaks_ties_by_post_row():
+    block = constant_block(np.array([1.0, 2.0, 2.0, 0.0], np.float32))
+    task = RankingTask(np.array([0]), *csr([[]]), *csr([[2]]), 4)
+    assert evaluate_ranking(block, task)["ndcg@10"] == pytest.approx(1 / math.log2(3) / 1.0)
