@@ -42,7 +42,7 @@ class TwoTowerConfig:
     user_cardinalities: list[int]  # vocabulary sizes of features.USER_CATEGORICALS, in order
     text_dim: int  # size of the autoencoder's text code (settings.TEXT_DIM)
     max_history: int  # recent events (views and likes) the transformer reads (settings.MAX_HISTORY)
-    max_likes: int = 8  # and the user's last likes, however old: the long-term taste
+    max_likes: int = 16  # and the user's last likes, however old: the long-term taste (settings.MAX_LIKES)
     n_post_stats: int = len(POST_STAT_NAMES)
     n_user_numeric: int = 8  # age, 4 request-time features, log events, log likes, like rate (before t)
     embed_dim: int = 64

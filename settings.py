@@ -37,11 +37,11 @@ class Settings(BaseSettings):
     text_dim: int = Field(128, ge=1)  # autoencoder code size
     # --- training ---
     objective: Literal[OBJECTIVES] = "joint"  # bce (pointwise, the seed's) | softmax (in-batch) | joint
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(6, ge=1)
     batch_size: int = Field(1024, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
     max_history: int = Field(16, ge=1)  # the user tower reads the last max_history events (views, likes)
-    max_likes: int = Field(8, ge=1)  # and the last max_likes likes however old: the long-term taste
+    max_likes: int = Field(16, ge=1)  # and the last max_likes likes however old: the long-term taste
     history_items_every: int = Field(50, ge=0)  # training: the histories read item encodings recomputed
     # every N steps without gradient (faster); 0 = through the item tower, with gradient, at every step
     train_sample: int = Field(1_500_000, ge=1)  # views sampled from the training window (the seed: 1.5M)

@@ -305,8 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         clock = time.perf_counter()
         tables = convert(*read_ml100k(data_dir), like_threshold=args.like_threshold)
         print(f"read {data_dir} and converted in {time.perf_counter() - clock:.1f} s")
-        # getattr: settings without a validation window print the test window alone.
-        print(summary(*tables, test_days=settings.test_days, val_days=getattr(settings, "val_days", None)))
+        print(summary(*tables, test_days=settings.test_days, val_days=settings.val_days))
         validate(tables)
         if args.out:
             paths = write_csv(tables, args.out)

@@ -87,6 +87,7 @@ def test_names_have_one_owner():
 # Library parameters that mirror a setting: each is required or defaults to the setting's own default.
 MIRRORED = [
     (features.build_dataset, "test_days", "test_days"),
+    (features.build_dataset, "val_days", "val_days"),
     (features.build_dataset, "train_sample", "train_sample"),
     (features.build_dataset, "seed", "seed"),
     (get_post_embeddings.embed_texts, "encoder", "text_encoder"),
@@ -102,6 +103,7 @@ MIRRORED = [
     (learn_model.train_two_tower, "seed", "seed"),
     (TwoTowerConfig, "text_dim", "text_dim"),
     (TwoTowerConfig, "max_history", "max_history"),
+    (TwoTowerConfig, "max_likes", "max_likes"),
     (demo_data.generate, "seed", "seed"),
     (serving.Recommender.from_payload, "faiss_min_posts", "faiss_min_posts"),
     (serving.Recommender, "faiss_min_posts", "faiss_min_posts"),
