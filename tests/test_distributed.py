@@ -150,9 +150,10 @@ def test_two_ranks_train_like_one_process_on_the_whole_batch(tmp_path):
     train(alone, data)
     for name, value in alone.state_dict().items():
         assert torch.equal(first[name], second[name]), f"the ranks' {name} differ"
-        # after 4 AdamW steps: Adam divides by the gradient's size, so float32 rounding of small gradients
-        # moves a weight by up to ~5e-5 here
-        torch.testing.assert_close(first[name], value, atol=1e-4, rtol=1e-4, msg=f"{name}: 2 ranks vs 1")
+        # after 4 AdamW steps: Adam divides by the gradient's size, so float32 rounding of the smallest
+        # gradients (~1e-7 here) moves a weight by up to ~1.3e-4, against 5e-3 for one step at this lr;
+        # the gradients themselves are held to 1e-5 above
+        torch.testing.assert_close(first[name], value, atol=3e-4, rtol=1e-4, msg=f"{name}: 2 ranks vs 1")
     for objective in ("softmax", "bce"):
         ranks = [torch.load(tmp_path / f"{objective}{r}.pt", weights_only=True) for r in (0, 1)]
         assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0]), f"{objective}: the ranks differ"
