@@ -368,14 +368,21 @@ def evaluate_model(
     steps.update()
 
     regulariser = choose_ease_regulariser(data)
+    # Each baseline's sigmoid from its validation-window fit; those fits are dropped before the test
+    # window's are built (at full scale each post-by-post matrix is 200 MB).
     val_blocks = baseline_blocks(data, val_cutoff, ease_regulariser=regulariser)
-    test_blocks = baseline_blocks(data, cutoff, ease_regulariser=regulariser)
+    calibration = {
+        name: fit_calibration(view_scores(block, val_views), val_views.labels)
+        for name, block in val_blocks.items()
+        if name != "popularity"
+    }
+    del val_blocks
     rate = _like_rate(data, cutoff)
-    for name, block in test_blocks.items():
+    for name, block in baseline_blocks(data, cutoff, ease_regulariser=regulariser).items():
         if name == "popularity":
             logits = np.log(rate / (1 - rate))[test.post_rows]
         else:
-            scale, bias = fit_calibration(view_scores(val_blocks[name], val_views), val_views.labels)
+            scale, bias = calibration[name]
             logits = scale * view_scores(block, test) + bias
         results[name] = pointwise_metrics(test.labels, logits) | evaluate_ranking(block, task, seed=seed)
         steps.update()

@@ -691,8 +691,9 @@ def build_dataset(
 ) -> Dataset:
     """Vocabularies, features, histories and the three windows, all fitted on the training window.
 
-    Training views end label_margin_s before val_cutoff, so no training label depends on a like that
-    happened after it. Pass vocabs and scalers of a trained model to rebuild its inputs exactly.
+    Training views end label_margin_s before val_cutoff, validation views label_margin_s before the
+    cutoff, so no label of theirs depends on a like that happened in a later window. Pass vocabs and
+    scalers of a trained model to rebuild its inputs exactly.
     """
     start, val_cutoff, cutoff, end = split_windows(feed, test_days=test_days, val_days=val_days)
     seconds = to_seconds(feed["timestamp"])
@@ -730,7 +731,7 @@ def build_dataset(
         histories=histories,
         train_views=train_views.sample(train_sample, seed=seed),
         train_likes=train_views.subset(np.flatnonzero(train_views.labels == 1)),
-        val_views=window_views(views & (seconds >= val_cutoff) & (seconds < cutoff)).sample(
+        val_views=window_views(views & (seconds >= val_cutoff) & (seconds < cutoff - label_margin_s)).sample(
             test_sample, seed=seed + 2
         ),
         test_views=window_views(views & (seconds >= cutoff)).sample(test_sample, seed=seed + 1),

@@ -301,6 +301,8 @@ ECE_BINS = 15
 
 def expected_calibration_error(labels: np.ndarray, probability: np.ndarray, *, bins: int = ECE_BINS) -> float:
     """Sum over equal-width probability bins of (share of samples) x |mean probability - like rate|."""
+    if len(labels) == 0:
+        return float("nan")
     which = np.minimum((probability * bins).astype(np.int64), bins - 1)
     gap = np.bincount(which, weights=probability - labels, minlength=bins)  # sum of (p - y) per bin
     return float(np.abs(gap).sum() / max(len(labels), 1))
@@ -327,7 +329,10 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, *, iterations: int =
     (a score that does not rise with the like rate gets a tiny scale and the mean rate as its bias)."""
     x = np.asarray(logits, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
-    assert len(x) == len(y) and 0 < y.sum() < len(y), "calibration needs liked and unliked samples"
+    assert len(x) == len(y), f"{len(x)} scores for {len(y)} labels"
+    if not 0 < y.sum() < len(y):  # nothing to fit (no view, or only one label): leave the scores as they are
+        log.warning("calibration skipped: the validation views hold %d likes of %d", int(y.sum()), len(y))
+        return 1.0, 0.0
     mean, std = x.mean(), x.std() or 1.0
     design = np.stack([(x - mean) / std, np.ones_like(x)], axis=1)
 
@@ -348,8 +353,9 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, *, iterations: int =
         theta, previous, current = theta - step, current, loss(theta - step)
         if previous - current < 1e-12:
             break
-    slope = max(float(theta[0]), 1e-9)  # keep the order of the scores: a ranking never flips
-    return slope / std, float(theta[1]) - slope * mean / std
+    if theta[0] <= 0:  # keep the order of the scores (a ranking never flips): the mean rate for all
+        return 1e-9 / std, float(np.log(rate / (1 - rate))) - 1e-9 * mean / std
+    return float(theta[0]) / std, float(theta[1]) - float(theta[0]) * mean / std
 
 
 def sample_post_stats(stats_by_day: tuple[int, np.ndarray], samples: Interactions) -> np.ndarray:

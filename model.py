@@ -303,7 +303,7 @@ class TwoTower(nn.Module):
 
     def _exposure(self, topic: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
         if not self.config.exposure_head:
-            return torch.zeros(len(topic))
+            return torch.zeros(len(topic), device=stats.device)
         return self.exposure(torch.cat([self.exposure_topic(topic), stats], dim=-1)).squeeze(-1)
 
     def ranking_item_matrix(self) -> torch.Tensor:

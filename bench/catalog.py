@@ -4,9 +4,9 @@
 
 The catalogue is synthetic but keeps the model's geometry: the ranking vectors of the bench model's
 7,023 posts (bench/serve.py trains it; a random matrix of the same width when it is absent), each
-resampled with Gaussian noise of half its dimension's spread, up to --posts rows (65 columns: the
-64-D item embedding and the exposure term). The queries are the model's own [user vector, 1] for
-random users at random times. Both searches are serving.py's (ExactSearch, FaissSearch), one thread,
+resampled with Gaussian noise of half its dimension's spread, up to --posts rows (81 columns: the
+64-D item embedding, the 16-D personal exposure and the exposure term). The queries are the model's
+own ranking user vectors for random users at random times. Both searches are serving.py's (ExactSearch, FaissSearch), one thread,
 with exclusions: each query excludes 30 of its exact top 100, and a FAISS answer that holds an
 excluded post counts as a failure. Recall@10 is measured against the exact top 10 after exclusions.
 Targets (the serving-at-scale issue), at 1,000,000 posts: FAISS p50 <= 2 ms at recall@10 >= 0.95.
@@ -31,12 +31,13 @@ def log(message: str) -> None:
 
 
 def model_vectors(model_path: Path, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ranking matrix [n_posts, 65], queries [n_queries, 65]) of the bench model, or random ones."""
+    """(ranking matrix [n_posts, width], queries [n_queries, width]) of the bench model, or random ones
+    of the default model's width (81)."""
     rng = np.random.default_rng(seed)
     if not model_path.is_file():
-        log(f"{model_path} missing: random vectors of width 65 (run bench/serve.py for the model's)")
-        return rng.standard_normal((7023, 65)).astype(np.float32), rng.standard_normal(
-            (n_queries, 65)
+        log(f"{model_path} missing: random vectors of width 81 (run bench/serve.py for the model's)")
+        return rng.standard_normal((7023, 81)).astype(np.float32), rng.standard_normal(
+            (n_queries, 81)
         ).astype(np.float32)
     from get_model import load_model_file
     from serving import Recommender

@@ -250,3 +250,15 @@ def test_popularity_block_breaks_ties_by_post_row():
     block = constant_block(np.array([1.0, 2.0, 2.0, 0.0], np.float32))
     task = RankingTask(np.array([0]), *csr([[]]), *csr([[2]]), 4)
     assert evaluate_ranking(block, task)["ndcg@10"] == pytest.approx(1 / math.log2(3) / 1.0)
+
+
+def test_calibration_of_a_score_that_falls_with_the_like_rate_predicts_the_mean_rate():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=50_000)
+    labels = (rng.random(len(scores)) < 1 / (1 + np.exp(2.5 + 1.5 * scores))).astype(np.float64)
+    scale, bias = fit_calibration(scores, labels)
+    probability = 1 / (1 + np.exp(-(scale * scores + bias)))
+    assert 0 < scale < 1e-6, "the order of the scores is kept, their (wrong-way) slope is not"
+    assert probability.mean() == pytest.approx(labels.mean(), rel=1e-3)
+    assert fit_calibration(scores, np.zeros(len(scores))) == (1.0, 0.0), "one label only: nothing to fit"
+    assert math.isnan(expected_calibration_error(np.zeros(0), np.zeros(0)))

@@ -139,7 +139,7 @@ def test_dataset_windows_are_temporal_and_aggregates_ignore_later_windows(feed):
     assert data.start < data.val_cutoff == data.cutoff - 5 * 86400 < data.cutoff < data.end
     assert (data.train_views.times < data.val_cutoff - 3600).all()
     assert (data.train_likes.times < data.val_cutoff).all()
-    assert ((data.val_views.times >= data.val_cutoff) & (data.val_views.times < data.cutoff)).all()
+    assert ((data.val_views.times >= data.val_cutoff) & (data.val_views.times < data.cutoff - 3600)).all()
     assert (data.test_views.times >= data.cutoff).all()
     assert len(data.val_views) and len(data.test_views)
     mutated = feed.copy()
