@@ -6,9 +6,10 @@ The catalogue is synthetic but keeps the model's geometry: the ranking vectors o
 7,023 posts (bench/serve.py trains it; a random matrix of the same width when it is absent), each
 resampled with Gaussian noise of half its dimension's spread, up to --posts rows (81 columns: the
 64-D item embedding, the 16-D personal exposure and the exposure term). The queries are the model's
-own ranking user vectors for random users at random times. Both searches are serving.py's (ExactSearch, FaissSearch), one thread,
-with exclusions: each query excludes 30 of its exact top 100, and a FAISS answer that holds an
-excluded post counts as a failure. Recall@10 is measured against the exact top 10 after exclusions.
+own ranking user vectors for random users at random times. Both searches are serving.py's
+(ExactSearch, FaissSearch), one thread, with exclusions: each query excludes 30 of its exact top
+100, and a FAISS answer that holds an excluded post counts as a failure. Recall@10 is measured
+against the exact top 10 after exclusions.
 Targets (the serving-at-scale issue), at 1,000,000 posts: FAISS p50 <= 2 ms at recall@10 >= 0.95.
 """
 
