@@ -34,7 +34,6 @@ import demo_data
 import get_features_table
 from evaluate import BASELINES, METRIC_KEYS, calibrate, evaluate_model, validation_score
 from features import (
-    ACTION_LIKE,
     POST_STAT_NAMES,
     USER_CATEGORICALS,
     Dataset,
@@ -43,11 +42,8 @@ from features import (
     build_dataset,
     clean_text,
     format_time,
-    post_counts,
-    post_stats_from_counts,
     text_key,
     to_seconds,
-    window_days,
 )
 from get_features_table import TABLES
 from get_model import FORMAT, ModelFileError, get_model, load_model_file, save_model_file
@@ -399,17 +395,9 @@ def model_payload(
     histories = data.histories  # every event of the feed already, both sides of the cutoff
     # The statistics at the end, from the histories: the service recomputes them the same way as the
     # feed moves on (serving.post_statistics_at), so a refresh with no new rows changes nothing.
-    counts = post_counts(
-        histories.ev_post,
-        histories.ev_action == ACTION_LIKE,
-        histories.ev_time,
-        len(data.post_ids),
-        cutoff=end,
-    )
-    serving_stats = post_stats_from_counts(*counts, window_days=window_days(data.start, end))
-    mean, std = data.stats_scaler
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["post_stats"] = torch.tensor((serving_stats - mean) / std)
+    state["post_stats"] = torch.tensor(data.post_stats_at(end))
+    mean, std = data.stats_scaler
     return {
         "format": FORMAT,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -579,19 +567,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def dataset_of_model(
+    settings: Settings, payload: dict[str, Any], tables: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
+) -> Dataset:
+    """The tables split and featurised with a saved model's vocabularies and scalers (its exact inputs)."""
+    scaler = payload["stats_scaler"]
+    return make_dataset(
+        settings,
+        *tables,
+        vocabs=payload["vocabs"],
+        age_scaler=tuple(payload["age_scaler"]),
+        stats_scaler=(scaler["mean"].numpy(), scaler["std"].numpy()),
+    )
+
+
 def evaluate_saved(settings: Settings, *, progress: bool = True) -> dict[str, dict[str, float]]:
     """Re-run the evaluation of the saved model file on the current database (same split and protocol)."""
     payload = get_model(settings)
     users, posts, feed = load_tables(settings, progress=progress)
-    data = make_dataset(
-        settings,
-        users,
-        posts,
-        feed,
-        vocabs=payload["vocabs"],
-        age_scaler=tuple(payload["age_scaler"]),
-        stats_scaler=(payload["stats_scaler"]["mean"].numpy(), payload["stats_scaler"]["std"].numpy()),
-    )
+    data = dataset_of_model(settings, payload, (users, posts, feed))
     model = two_tower_from_payload(payload)  # evaluate_model sets the statistics of each window's cutoff
     return evaluate_model(
         model, data, truth=load_truth(settings), feed=feed, seed=settings.seed, progress=progress

@@ -75,6 +75,19 @@ def table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def folder_env(folder: Path, **settings: str) -> dict[str, str]:
+    """The environment of a run whose database, truth file, caches and model file all live in `folder`."""
+    return os.environ | {
+        "DATABASE_URL": f"sqlite:///{folder / 'demo.db'}",
+        "GROUND_TRUTH_PATH": str(folder / "truth.npz"),
+        "MODEL_PATH": str(folder / "model.pt"),
+        "EMBED_CACHE_DIR": str(folder / "embed_cache"),
+        "EXPORT_DIR": str(folder / "export"),
+        "HF_HUB_OFFLINE": "1",
+        **settings,
+    }
+
+
 def one_run(name: str, folder: Path, env: dict[str, str], generate: list[str]) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     log(f"{name}: generating the data in {folder}")
@@ -103,31 +116,13 @@ def main() -> None:
         results = {}
         for seed in args.seeds:
             folder = workdir / f"{args.scale}_seed{seed}"
-            env = os.environ | {
-                "DATABASE_URL": f"sqlite:///{folder / 'demo.db'}",
-                "GROUND_TRUTH_PATH": str(folder / "truth.npz"),
-                "MODEL_PATH": str(folder / "model.pt"),
-                "EMBED_CACHE_DIR": str(folder / "embed_cache"),
-                "EXPORT_DIR": str(folder / "export"),
-                "DEMO_SCALE": args.scale,
-                "SEED": str(seed),
-                "HF_HUB_OFFLINE": "1",
-            }
+            env = folder_env(folder, DEMO_SCALE=args.scale, SEED=str(seed))
             results[f"{args.scale}_seed{seed}"] = one_run(
                 f"{args.scale} demo, seed {seed}", folder, env, ["main_script.py", "--quiet", "demo-data"]
             )
         if args.public:
             folder = workdir / "movielens_100k"
-            env = os.environ | {
-                "DATABASE_URL": f"sqlite:///{folder / 'ml100k.db'}",
-                "GROUND_TRUTH_PATH": str(folder / "no_truth.npz"),
-                "MODEL_PATH": str(folder / "model.pt"),
-                "EMBED_CACHE_DIR": str(folder / "embed_cache"),
-                "EXPORT_DIR": str(folder / "export"),
-                "TEST_DAYS": "28",
-                "VAL_DAYS": "28",
-                "HF_HUB_OFFLINE": "1",
-            }
+            env = folder_env(folder, TEST_DAYS="28", VAL_DAYS="28")  # no truth file there: no oracle
             results["movielens_100k"] = one_run("MovieLens 100K", folder, env, ["bench/public_data.py"])
     if args.json:
         print(json.dumps(results, default=float))

@@ -13,6 +13,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -124,3 +126,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     main_script.make_demo_data(settings, progress=False)
     main_script.run_all(settings, progress=False)
     return settings
+
+
+def plain_users(user_ids) -> pd.DataFrame:
+    """user_data rows with the same demographics for every id: tables where only the feed matters."""
+    return pd.DataFrame({"user_id": user_ids}).assign(
+        gender=0, age=30, country="Russia", city="Moscow", exp_group=1, os="iOS", source="ads"
+    )
+
+
+def plain_posts(n: int) -> pd.DataFrame:
+    """post_text_df rows 1..n, one topic, one text."""
+    return pd.DataFrame({"post_id": np.arange(1, n + 1), "text": "t", "topic": "movie"})

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import plain_posts, plain_users
 from sklearn.metrics.pairwise import cosine_similarity
 
 import main_script
@@ -185,19 +186,7 @@ def leak_scenario() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     events += [(30, 300, 10, False)]
     feed = feed_of(events)
     user_ids = np.unique(feed["user_id"])
-    users = pd.DataFrame(
-        {
-            "user_id": user_ids,
-            "gender": 0,
-            "age": 30,
-            "country": "Russia",
-            "city": "Moscow",
-            "exp_group": 1,
-            "os": "iOS",
-            "source": "ads",
-        }
-    )
-    posts = pd.DataFrame({"post_id": np.arange(1, 13), "text": "t", "topic": "movie"})
+    users, posts = plain_users(user_ids), plain_posts(12)
     return users, posts, feed
 
 
@@ -215,17 +204,9 @@ def test_baselines_never_count_the_test_window():
 
 
 def test_the_model_is_scored_at_the_cutoff(tiny_model):
-    users, posts, feed = main_script.load_tables(tiny_model, progress=False)
     payload = main_script.get_model(tiny_model)
-    data = main_script.make_dataset(
-        tiny_model,
-        users,
-        posts,
-        feed,
-        vocabs=payload["vocabs"],
-        age_scaler=tuple(payload["age_scaler"]),
-        stats_scaler=(payload["stats_scaler"]["mean"].numpy(), payload["stats_scaler"]["std"].numpy()),
-    )
+    tables = main_script.load_tables(tiny_model, progress=False)
+    data = main_script.dataset_of_model(tiny_model, payload, tables)
     model = main_script.two_tower_from_payload(payload)
     reported = evaluate_model(model, data, progress=False)["model"]
 

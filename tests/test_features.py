@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import plain_posts, plain_users
 
 from features import (
     ACTION_LIKE,
@@ -122,19 +123,7 @@ def test_post_statistics_use_only_events_before_the_cutoff(feed):
 
 
 def test_dataset_windows_are_temporal_and_aggregates_ignore_later_windows(feed):
-    users = pd.DataFrame(
-        {
-            "user_id": np.arange(200, 240),
-            "gender": 0,
-            "age": 30,
-            "country": "Russia",
-            "city": "Moscow",
-            "exp_group": 1,
-            "os": "iOS",
-            "source": "ads",
-        }
-    )
-    posts = pd.DataFrame({"post_id": np.arange(1, 26), "text": "t", "topic": "movie"})
+    users, posts = plain_users(np.arange(200, 240)), plain_posts(25)
     data = build_dataset(users, posts, feed, test_days=10, val_days=5)
     assert data.start < data.val_cutoff == data.cutoff - 5 * 86400 < data.cutoff < data.end
     assert (data.train_views.times < data.val_cutoff - 3600).all()
@@ -209,19 +198,7 @@ def test_layered_histories_read_as_the_histories_of_all_events(feed):
 
 
 def test_post_statistics_by_day_are_those_at_each_day_start(feed):
-    users = pd.DataFrame(
-        {
-            "user_id": np.arange(200, 240),
-            "gender": 0,
-            "age": 30,
-            "country": "Russia",
-            "city": "Moscow",
-            "exp_group": 1,
-            "os": "iOS",
-            "source": "ads",
-        }
-    )
-    posts = pd.DataFrame({"post_id": np.arange(1, 26), "text": "t", "topic": "movie"})
+    users, posts = plain_users(np.arange(200, 240)), plain_posts(25)
     data = build_dataset(users, posts, feed, test_days=10, val_days=5)
     table = data.post_stats_by_day(data.val_cutoff)
     assert len(table) == (data.val_cutoff - data.start) // 86400 + 1
@@ -233,9 +210,7 @@ def test_post_statistics_by_day_are_those_at_each_day_start(feed):
 def test_training_samples_read_the_statistics_of_their_day_start(feed):
     from learn_model import sample_post_stats
 
-    users = pd.DataFrame({"user_id": np.arange(200, 240), "gender": 0, "age": 30, "country": "Russia"})
-    users = users.assign(city="Moscow", exp_group=1, os="iOS", source="ads")
-    posts = pd.DataFrame({"post_id": np.arange(1, 26), "text": "t", "topic": "movie"})
+    users, posts = plain_users(np.arange(200, 240)), plain_posts(25)
     data = build_dataset(users, posts, feed, test_days=10, val_days=5)
     samples = data.train_views.subset(np.arange(0, len(data.train_views), 97))
     stats = sample_post_stats((data.start, data.post_stats_by_day(data.val_cutoff)), samples)
