@@ -29,7 +29,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import database
 import get_features_table
 from database import Base, SessionDep
-from features import TIME_HINT, TIME_PATTERN, TIME_RANGE, parse_time
 from get_model import ModelFileError, load_model_file, resolve_model_file
 from refresh import CycleReport, TableFollower
 from schema import ErrorGet, FeedGet, HealthGet, LiveGet, PostGet, UserGet
@@ -38,6 +37,7 @@ from settings import Settings
 from table_feed import Feed
 from table_post import Post
 from table_user import User
+from times import TIME_HINT, TIME_PATTERN, TIME_RANGE, parse_time
 
 MAX_LIMIT = 100  # every ?limit= is bounded, so no request can ask for an unbounded response
 MAX_ID = 2**31 - 1  # the tables' ids are 32-bit integers

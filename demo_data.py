@@ -75,11 +75,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from settings import SCALE_NAMES, Settings
+from times import DAY_SECONDS
 
 START = datetime(2021, 10, 1)
 END = datetime(2021, 12, 29, 23, 59, 59)
 SPAN_SECONDS = int((END - START).total_seconds())
-DAY_SECONDS = 86_400
+
 WEEK_SECONDS = 7 * DAY_SECONDS
 N_DAYS = 90
 N_WEEKS = 13

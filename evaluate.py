@@ -28,9 +28,11 @@ import torch
 from scipy import sparse
 from tqdm.auto import tqdm
 
-from features import ACTION_LIKE, POST_STAT_NAMES, Dataset, Histories, Interactions
+from features import POST_STAT_NAMES, Dataset, Interactions
+from histories import ACTION_LIKE, Histories
 from learn_model import fit_calibration, pointwise_metrics, predict
 from model import TwoTower, make_user_batch
+from times import DAY_SECONDS
 
 if TYPE_CHECKING:
     from demo_data import GroundTruth
@@ -188,7 +190,7 @@ def popularity_scores(
     """Likes per post before the cutoff (in the `days` before it when given): the most-popular score."""
     before = (histories.ev_action == ACTION_LIKE) & (histories.ev_time < cutoff)
     if days is not None:
-        before &= histories.ev_time >= cutoff - int(days * 86400)
+        before &= histories.ev_time >= cutoff - int(days * DAY_SECONDS)
     return np.bincount(histories.ev_post[before], minlength=n_posts).astype(np.float32)
 
 

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 import database
 import table_feed  # noqa: F401  (registers the three tables on Base.metadata)
-from features import TIME_FORMAT, TIME_HINT, TIME_RANGE
+from times import TIME_FORMAT, TIME_HINT, TIME_RANGE
 
 COLUMNS: dict[str, dict[str, str]] = {
     "user_data": {

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from features import clean_text, text_key
+from table_post_embedding import clean_text, text_key
 
 log = logging.getLogger(__name__)
 

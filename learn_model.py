@@ -26,9 +26,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from features import DAY_SECONDS, Histories, Interactions, UserFeatures
+from features import Interactions, UserFeatures
+from histories import Histories
 from model import Autoencoder, TwoTower, UserBatch, make_user_batch
 from settings import OBJECTIVES
+from times import DAY_SECONDS
 
 log = logging.getLogger(__name__)
 

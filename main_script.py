@@ -33,21 +33,11 @@ import database
 import demo_data
 import get_features_table
 from evaluate import BASELINES, METRIC_KEYS, calibrate, evaluate_model, validation_score
-from features import (
-    POST_STAT_NAMES,
-    USER_CATEGORICALS,
-    Dataset,
-    Histories,
-    UserFeatures,
-    build_dataset,
-    clean_text,
-    format_time,
-    text_key,
-    to_seconds,
-)
+from features import POST_STAT_NAMES, USER_CATEGORICALS, Dataset, UserFeatures, build_dataset
 from get_features_table import TABLES
 from get_model import FORMAT, ModelFileError, get_model, load_model_file, save_model_file
 from get_post_embeddings import embed_posts, encoder_key, resolve_encoder
+from histories import Histories
 from learn_model import train_autoencoder, train_two_tower, world
 from model import (
     Autoencoder,
@@ -59,7 +49,8 @@ from model import (
 )
 from settings import OBJECTIVES, SCALE_NAMES, Settings, describe
 from table_feed import Feed
-from table_post_embedding import PostEmbedding
+from table_post_embedding import PostEmbedding, clean_text, text_key
+from times import format_time, to_seconds
 
 log = logging.getLogger("pipeline")
 

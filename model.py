@@ -17,16 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from features import (
-    LIKE_RATE_PRIOR_VIEWS,
-    POST_STAT_NAMES,
-    PRIOR_LIKE_RATE,
-    RECENCY_BUCKETS,
-    Histories,
-    UserFeatures,
-    time_features,
-)
+from features import LIKE_RATE_PRIOR_VIEWS, POST_STAT_NAMES, PRIOR_LIKE_RATE, UserFeatures, time_features
 from get_model import ModelFileError
+from histories import RECENCY_BUCKETS, Histories
 
 Module = TypeVar("Module", bound=nn.Module)
 

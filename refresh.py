@@ -31,12 +31,12 @@ import pandas as pd
 from sqlalchemy import ColumnElement, Engine, func, inspect, select
 
 import get_features_table
-from features import DAY_SECONDS, clean_text, text_key, to_seconds
 from serving import FUTURE_TOLERANCE_SECONDS, Changes, FeedRows, Recommender, ServingState, latest_plausible
 from table_feed import Feed
 from table_post import Post
-from table_post_embedding import PostEmbedding
+from table_post_embedding import PostEmbedding, clean_text, text_key
 from table_user import User
+from times import DAY_SECONDS, to_seconds
 
 IN_CHUNK = 1000  # ids per `IN (...)` list
 log = logging.getLogger("recommender")

@@ -27,23 +27,20 @@ import pandas as pd
 import torch
 
 from features import (
-    ACTION_LIKE,
-    RECENCY_BUCKETS,
     RECENT_DAYS,
-    Histories,
-    LayeredHistories,
     UserFeatures,
     encode,
-    histories_from_rows,
     lookup,
     post_stats_from_counts,
     user_features,
     window_days,
 )
+from histories import ACTION_LIKE, RECENCY_BUCKETS, Histories, LayeredHistories, histories_from_rows
 from inference import OnnxUserTower, RequestInputs
 from model import TwoTower, TwoTowerConfig, autoencoder_from_payload, numeric_inputs, two_tower_from_payload
+from times import DAY_SECONDS
 
-FUTURE_TOLERANCE_SECONDS = 86_400  # a row dated further past the clock moves no watermark or statistics
+FUTURE_TOLERANCE_SECONDS = DAY_SECONDS  # a row dated further past the clock moves no watermark or statistics
 
 # ----------------------------------------------------------------------------- data structures
 
@@ -126,7 +123,7 @@ class Snapshot:
         is_like = histories.ev_action == ACTION_LIKE
         likes = np.bincount(histories.ev_post, weights=is_like, minlength=n_posts).astype(np.int64)
         views = np.bincount(histories.ev_post, minlength=n_posts) - likes
-        recent = np.flatnonzero(histories.ev_time >= end - RECENT_DAYS * 86400).astype(np.int32)
+        recent = np.flatnonzero(histories.ev_time >= end - RECENT_DAYS * DAY_SECONDS).astype(np.int32)
         return cls(
             users=users,
             histories=histories,
@@ -467,14 +464,14 @@ def post_statistics_at(
     likes[:n_snapshot] += snapshot.likes
     seconds = snapshot.histories.ev_time[snapshot.recent]
     window = snapshot.recent[
-        np.searchsorted(seconds, at - RECENT_DAYS * 86400) : np.searchsorted(seconds, at)
+        np.searchsorted(seconds, at - RECENT_DAYS * DAY_SECONDS) : np.searchsorted(seconds, at)
     ]
     post_rows = snapshot.histories.ev_post[window]
     is_like = snapshot.histories.ev_action[window] == ACTION_LIKE
     recent_views += np.bincount(post_rows[~is_like], minlength=n_posts)
     recent_likes += np.bincount(post_rows[is_like], minlength=n_posts)
     delta_like = delta.ev_action == ACTION_LIKE
-    delta_recent = (delta.ev_time >= at - RECENT_DAYS * 86400) & (delta.ev_time < at)
+    delta_recent = (delta.ev_time >= at - RECENT_DAYS * DAY_SECONDS) & (delta.ev_time < at)
     for counts, keep in (
         (views, ~delta_like),
         (likes, delta_like),

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import database
 import get_features_table
+from times import DAY_SECONDS
 
 N_USERS = 163_205
 N_POSTS = 7_023
@@ -44,7 +45,7 @@ def synthetic_tables(rows: int, *, seed: int = 0) -> tuple[pd.DataFrame, pd.Data
     )
     posts = pd.DataFrame({"post_id": post_ids, "text": "some post text", "topic": "movie"})
     start = np.datetime64("2021-10-01T00:00:00", "s")
-    seconds = np.sort(rng.integers(0, 90 * 86_400, rows))
+    seconds = np.sort(rng.integers(0, 90 * DAY_SECONDS, rows))
     like = rng.random(rows) < 0.1
     target = np.where(like, 0, (rng.random(rows) < 0.12).astype("int64"))
     feed = pd.DataFrame(

@@ -46,7 +46,8 @@ def payload_at(payload: dict, cutoff: int) -> dict:
     cutoff only, post statistics at the cutoff (the same counts the service keeps, serving.py)."""
     import torch
 
-    from features import ACTION_LIKE, Histories, post_counts, post_stats_from_counts, window_days
+    from features import post_counts, post_stats_from_counts, window_days
+    from histories import ACTION_LIKE, Histories
 
     serving = dict(payload["serving"])
     arrays = {k.removeprefix("history_"): v.numpy() for k, v in serving.items() if k.startswith("history_")}
@@ -83,10 +84,11 @@ def main() -> None:
     import get_features_table
     import main_script
     from evaluate import constant_block, evaluate_ranking, random_block, ranking_task
-    from features import build_user_histories, format_time, to_seconds
+    from features import build_user_histories
     from refresh import TableFollower
     from serving import Changes, Recommender
     from settings import Settings
+    from times import format_time, to_seconds
 
     started = time.perf_counter()
     folder = args.data_dir / f"{args.scale}-seed{args.seed}"

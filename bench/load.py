@@ -40,6 +40,7 @@ import table_feed
 import table_post
 import table_user
 from settings import Settings
+from times import DAY_SECONDS
 
 MIX = {  # endpoint -> share of the requests
     "recommendations": 40,
@@ -99,7 +100,9 @@ def pick(rng: random.Random, ids: Ids) -> tuple[str, str, int]:
     """(endpoint name, path with query, expected status) of one random request."""
     name = rng.choices(list(MIX), weights=list(MIX.values()))[0]
     user, post = rng.choice(ids.users), rng.choice(ids.posts)
-    moment = ids.start + timedelta(seconds=rng.uniform(0, (ids.end - ids.start).total_seconds() + 86_400))
+    moment = ids.start + timedelta(
+        seconds=rng.uniform(0, (ids.end - ids.start).total_seconds() + DAY_SECONDS)
+    )
     if name == "recommendations":
         return name, f"/post/recommendations/?id={user}&time={moment:%Y-%m-%d %H:%M:%S}&limit=5", 200
     if name == "user":

@@ -54,8 +54,8 @@ sys.path.insert(0, str(ROOT))
 
 import database  # noqa: E402
 import get_features_table  # noqa: E402
-from features import TIME_FORMAT  # noqa: E402
 from settings import Settings, describe  # noqa: E402
+from times import TIME_FORMAT  # noqa: E402
 
 PACKAGE, PACKAGE_VERSION = "recbole", "1.2.1"
 PIP_COMMAND = f".venv/bin/pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}"

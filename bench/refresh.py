@@ -110,9 +110,9 @@ def explain(engine: Engine, follower: TableFollower) -> dict[str, list[str]]:
     from sqlalchemy import func, select, text
     from sqlalchemy.dialects import postgresql
 
-    from features import DAY_SECONDS
     from refresh import _time
     from table_feed import Feed
+    from times import DAY_SECONDS
 
     since = _time(follower.watermark - follower.lookback)
     day = (follower.watermark - follower.lookback) // DAY_SECONDS - 1

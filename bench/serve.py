@@ -222,7 +222,7 @@ def request_plan(
     payload: dict, *, n: int, seed: int = 0, limit: int = 5
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """n random (known user row, time in the data window) pairs and their recommendation URLs."""
-    from features import parse_time
+    from times import parse_time
 
     rng = np.random.default_rng(seed)
     user_ids = payload["serving"]["user_ids"].numpy()
@@ -281,8 +281,8 @@ def measure_inprocess(
     warmup: int = 200,
 ) -> dict[str, dict[str, float]]:
     """Latency of Recommender.recommend, and of the endpoint's in-memory path (parse, lookup, JSON)."""
-    from features import parse_time
     from serving import Changes, Recommender
+    from times import parse_time
 
     recommender = Recommender.from_payload(payload, threads=1)
     state = recommender.apply(Changes(texts=posts, live_post_ids=posts["post_id"].to_numpy()))

@@ -25,9 +25,10 @@ import database
 import get_features_table as gft
 import main_script
 from app import create_app
-from features import UNKNOWN, USER_CATEGORICALS, encode, parse_time
+from features import UNKNOWN, USER_CATEGORICALS, encode
 from get_model import load_model_file
 from table_user import User
+from times import parse_time
 
 ROOT = Path(__file__).resolve().parent.parent
 

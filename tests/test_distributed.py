@@ -27,6 +27,7 @@ from features import Dataset, build_dataset
 from get_model import load_model_file
 from learn_model import TrainingStep, post_log_frequency, sample_post_stats, train_two_tower
 from model import TwoTower, TwoTowerConfig, make_user_batch
+from times import DAY_SECONDS
 
 STEPS, BATCH = 4, 64
 
@@ -38,7 +39,7 @@ def problem() -> tuple[TwoTower, object]:
     feed = pd.DataFrame(
         {
             "timestamp": pd.Timestamp("2021-10-01")
-            + pd.to_timedelta(np.sort(rng.integers(0, 30 * 86400, n)), unit="s"),
+            + pd.to_timedelta(np.sort(rng.integers(0, 30 * DAY_SECONDS, n)), unit="s"),
             "user_id": rng.integers(200, 260, n),
             "post_id": rng.integers(1, 41, n),
             "action": np.where(rng.random(n) < 0.2, "like", "view"),

@@ -26,10 +26,11 @@ from evaluate import (
     ranking_task,
     top_k,
 )
-from features import build_dataset, build_user_histories, to_seconds
+from features import build_dataset, build_user_histories
 from learn_model import expected_calibration_error, fit_calibration, pointwise_metrics
 from model import make_user_batch
 from settings import Settings
+from times import to_seconds
 
 T0 = pd.Timestamp("2021-10-01 00:00:00")
 N_POSTS = 12

@@ -8,19 +8,16 @@ import pytest
 from conftest import plain_posts, plain_users
 
 from features import (
-    ACTION_LIKE,
-    ACTION_VIEW,
     UNKNOWN,
-    Histories,
-    LayeredHistories,
     build_dataset,
     build_user_histories,
     build_vocab,
     encode,
     post_statistics,
     time_features,
-    to_seconds,
 )
+from histories import ACTION_LIKE, ACTION_VIEW, Histories, LayeredHistories
+from times import DAY_SECONDS, to_seconds
 
 T0 = pd.Timestamp("2021-10-01 00:00:00")
 
@@ -28,7 +25,7 @@ T0 = pd.Timestamp("2021-10-01 00:00:00")
 def make_feed(rng: np.random.Generator, n: int = 3000, n_users: int = 40, n_posts: int = 25) -> pd.DataFrame:
     views = pd.DataFrame(
         {
-            "timestamp": T0 + pd.to_timedelta(np.sort(rng.integers(0, 40 * 86400, n)), unit="s"),
+            "timestamp": T0 + pd.to_timedelta(np.sort(rng.integers(0, 40 * DAY_SECONDS, n)), unit="s"),
             "user_id": rng.integers(0, n_users, n) + 200,
             "post_id": rng.integers(1, n_posts + 1, n),
             "action": "view",
@@ -61,7 +58,7 @@ def test_history_window_matches_the_slow_definition(feed):
     histories = build_user_histories(feed, user_ids, post_ids)
     rng = np.random.default_rng(1)
     query_users = rng.integers(200, 240, 60)
-    query_times = T0 + pd.to_timedelta(rng.integers(0, 41 * 86400, 60), unit="s")
+    query_times = T0 + pd.to_timedelta(rng.integers(0, 41 * DAY_SECONDS, 60), unit="s")
     posts, actions, _recency, mask = histories.window(query_users - 200, to_seconds(query_times), 8)
     for i, (user, time) in enumerate(zip(query_users, query_times, strict=True)):
         expected = naive_history(feed, user, time, 8)
@@ -118,14 +115,14 @@ def test_post_statistics_use_only_events_before_the_cutoff(feed):
     changed = pd.concat([feed[to_seconds(feed["timestamp"]) < cutoff], scrambled])
     assert np.array_equal(before, post_statistics(changed, post_ids, cutoff=cutoff, first=first))
     assert not np.array_equal(
-        before, post_statistics(feed, post_ids, cutoff=cutoff + 86400 * 10, first=first)
+        before, post_statistics(feed, post_ids, cutoff=cutoff + DAY_SECONDS * 10, first=first)
     )
 
 
 def test_dataset_windows_are_temporal_and_aggregates_ignore_later_windows(feed):
     users, posts = plain_users(np.arange(200, 240)), plain_posts(25)
     data = build_dataset(users, posts, feed, test_days=10, val_days=5)
-    assert data.start < data.val_cutoff == data.cutoff - 5 * 86400 < data.cutoff < data.end
+    assert data.start < data.val_cutoff == data.cutoff - 5 * DAY_SECONDS < data.cutoff < data.end
     assert (data.train_views.times < data.val_cutoff - 3600).all()
     assert (data.train_likes.times < data.val_cutoff).all()
     assert ((data.val_views.times >= data.val_cutoff) & (data.val_views.times < data.cutoff - 3600)).all()
@@ -153,7 +150,7 @@ def test_unknown_category_maps_to_the_unknown_bucket():
 
 
 def test_time_features_are_periodic():
-    day = 86400
+    day = DAY_SECONDS
     base = to_seconds(pd.Series([T0]))
     assert np.allclose(time_features(base), time_features(base + 7 * day), atol=1e-5)
     assert not np.allclose(time_features(base), time_features(base + 6 * 3600))
@@ -164,7 +161,7 @@ def test_single_query_search_equals_the_vectorised_one(feed):
     histories = build_user_histories(feed, np.arange(200, 240), np.arange(1, 26))
     rng = np.random.default_rng(2)
     rows = rng.integers(0, 40, 50)
-    times = to_seconds(T0 + pd.to_timedelta(rng.integers(0, 41 * 86400, 50), unit="s"))
+    times = to_seconds(T0 + pd.to_timedelta(rng.integers(0, 41 * DAY_SECONDS, 50), unit="s"))
     batched = histories.last_before(rows, times)  # > 8 queries: the vectorised binary search
     one_by_one = [histories.last_before(rows[i : i + 1], times[i : i + 1])[0] for i in range(50)]
     assert batched.tolist() == one_by_one
@@ -185,7 +182,7 @@ def test_layered_histories_read_as_the_histories_of_all_events(feed):
     whole = build_user_histories(pd.concat([feed[in_snapshot], delta_rows]), users, posts)
     layered = LayeredHistories(base, delta)
     rows = rng.integers(0, 45, 300)
-    times = to_seconds(pd.Series(T0 + pd.to_timedelta(rng.integers(0, 50 * 86400, 300), unit="s")))
+    times = to_seconds(pd.Series(T0 + pd.to_timedelta(rng.integers(0, 50 * DAY_SECONDS, 300), unit="s")))
     for got, expected in zip(layered.window(rows, times, 12), whole.window(rows, times, 12), strict=True):
         assert np.array_equal(got, expected)  # equal times: snapshot first, as in one stable sort
     for a, b in zip(layered.counts_before(rows, times), whole.counts_before(rows, times), strict=True):
@@ -201,9 +198,9 @@ def test_post_statistics_by_day_are_those_at_each_day_start(feed):
     users, posts = plain_users(np.arange(200, 240)), plain_posts(25)
     data = build_dataset(users, posts, feed, test_days=10, val_days=5)
     table = data.post_stats_by_day(data.val_cutoff)
-    assert len(table) == (data.val_cutoff - data.start) // 86400 + 1
+    assert len(table) == (data.val_cutoff - data.start) // DAY_SECONDS + 1
     for day in (0, 1, 6, 7, 8, 20, len(table) - 1):
-        expected = data.post_stats_at(data.start + day * 86400)
+        expected = data.post_stats_at(data.start + day * DAY_SECONDS)
         np.testing.assert_allclose(table[day], expected, atol=1e-5, err_msg=f"day {day}")
 
 
@@ -215,7 +212,7 @@ def test_training_samples_read_the_statistics_of_their_day_start(feed):
     samples = data.train_views.subset(np.arange(0, len(data.train_views), 97))
     stats = sample_post_stats((data.start, data.post_stats_by_day(data.val_cutoff)), samples)
     for i in range(len(samples)):
-        day_start = data.start + (samples.times[i] - data.start) // 86400 * 86400
+        day_start = data.start + (samples.times[i] - data.start) // DAY_SECONDS * DAY_SECONDS
         assert day_start <= samples.times[i], "a sample never reads statistics from after it"
         expected = data.post_stats_at(day_start)[samples.post_rows[i]]
         np.testing.assert_allclose(stats[i], expected, atol=1e-5)

@@ -22,10 +22,11 @@ import database
 import get_features_table
 import main_script
 from app import MAX_LIMIT, create_app, refresh_once
-from features import build_user_histories, format_time, post_statistics, to_seconds, user_features
+from features import build_user_histories, post_statistics, user_features
 from refresh import unseen
 from serving import FeedRows
 from table_post import Post
+from times import DAY_SECONDS, format_time, to_seconds
 
 URL = "/post/recommendations/"
 NEW_TEXT = "Chess grandmasters gather in Reykjavik for a rapid tournament; the favourite loses in round two."
@@ -142,7 +143,7 @@ def test_one_refresh_reflects_every_row_post_and_user(live, db_url, tiny_tables)
     expected_events, expected_likes = table_counts(db_url, all_users, np.sort(state.post_ids))
     assert np.array_equal(events[order], expected_events) and np.array_equal(likes[order], expected_likes)
 
-    later = format_time(watermark + 86400)
+    later = format_time(watermark + DAY_SECONDS)
     likes_now = inserted[inserted["action"] == "like"]
     for user, liked in likes_now.groupby("user_id")["post_id"].agg(set).head(15).items():
         assert not set(recommended(client, int(user), later)) & liked, f"user {user} sees a post they liked"
@@ -181,9 +182,9 @@ def test_rows_older_than_the_lookback_are_merged_and_logged(live, db_url, tiny_t
     follower = app.state.follower
     follower.lookback = 600
     user = int(tiny_tables[2]["user_id"].iloc[-1])
-    when = format_time(follower.watermark + 86400)
+    when = format_time(follower.watermark + DAY_SECONDS)
     top = recommended(client, user, when, limit=5)[0]
-    day_before_window = follower.watermark - 600 - 86400  # in the first day the audit counts
+    day_before_window = follower.watermark - 600 - DAY_SECONDS  # in the first day the audit counts
     append_feed(
         db_url,
         feed_rows(
@@ -342,7 +343,7 @@ def test_a_cycle_that_fails_half_way_loses_no_row(live, db_url, tiny_tables, mon
     client, app, _settings = live
     follower = app.state.follower
     user = int(tiny_tables[2]["user_id"].iloc[-1])
-    when = format_time(follower.watermark + 86400)
+    when = format_time(follower.watermark + DAY_SECONDS)
     top = recommended(client, user, when, limit=5)[0]
     append_feed(
         db_url,

@@ -21,10 +21,11 @@ import database
 import get_features_table
 import main_script
 from app import MAX_LIMIT, create_app, refresh_once
-from features import TIME_PATTERN, TIME_RANGE, build_user_histories, parse_time, to_seconds, user_features
+from features import build_user_histories, user_features
 from get_model import load_model_file
 from model import TwoTower, TwoTowerConfig, make_user_batch
 from table_user import User
+from times import DAY_SECONDS, TIME_PATTERN, TIME_RANGE, parse_time, to_seconds
 
 URL = "/post/recommendations/"
 
@@ -286,7 +287,8 @@ def test_the_time_pattern_accepts_exactly_what_parse_time_accepts():
 def test_the_request_path_computes_the_user_tower_of_training(tiny_model, tiny_tables):
     """request_inputs + the ONNX user tower == make_user_batch + model.UserTower, request by request,
     also with a delta of late rows and a user whom only the delta knows."""
-    from features import LayeredHistories, UserFeatures, histories_from_rows, lookup
+    from features import UserFeatures, lookup
+    from histories import LayeredHistories, histories_from_rows
     from serving import Recommender, request_inputs
 
     recommender = Recommender.from_payload(load_model_file(tiny_model.model_path), threads=1)
@@ -294,7 +296,7 @@ def test_the_request_path_computes_the_user_tower_of_training(tiny_model, tiny_t
     feed = tiny_tables[2]
     rng = np.random.default_rng(5)
     late = feed.sample(300, random_state=5)
-    seconds = to_seconds(late["timestamp"]) - rng.integers(0, 86400, len(late))
+    seconds = to_seconds(late["timestamp"]) - rng.integers(0, DAY_SECONDS, len(late))
     n_known = len(state.users.user_ids)
     user_rows = lookup(state.users.user_ids, late["user_id"].to_numpy())
     user_rows[:40] = n_known  # the newcomer's row
@@ -313,7 +315,7 @@ def test_the_request_path_computes_the_user_tower_of_training(tiny_model, tiny_t
         np.vstack([known.numeric, known.numeric[:1]]),
     )
     rows = np.append(rng.integers(0, n_known + 1, 150), np.full(10, n_known))
-    times = rng.integers(recommender.snapshot.start, recommender.snapshot.end + 86400, len(rows))
+    times = rng.integers(recommender.snapshot.start, recommender.snapshot.end + DAY_SECONDS, len(rows))
     items = torch.from_numpy(state.item_matrix)
     for row, moment in zip(rows, times, strict=True):
         inputs = request_inputs(users, histories, int(row), int(moment), model.config)

@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, append_feed
 from fixtures_model import copy_tables, demo_tables, free_port, trained_demo
 
-from features import format_time
+from times import format_time
 
 
 @pytest.fixture(scope="module")
