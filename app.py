@@ -136,7 +136,7 @@ def load_recommender(settings: Settings) -> Recommender | None:
             raise
         log.warning("%s; /post/recommendations answers 503 until a model file exists", exc)
         return None
-    recommender = Recommender.from_payload(
+    recommender = Recommender(
         load_model_file(path, sha256=sha256, mmap=True),
         threads=settings.torch_threads,
         faiss_min_posts=settings.faiss_min_posts,

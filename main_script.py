@@ -16,8 +16,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,11 @@ from sqlalchemy.exc import DBAPIError
 import database
 import demo_data
 import get_features_table
+import get_model
 from evaluate import BASELINES, METRIC_KEYS, calibrate, evaluate_model, validation_score
 from features import POST_STAT_NAMES, USER_CATEGORICALS, Dataset, UserFeatures, build_dataset
 from get_features_table import TABLES
-from get_model import FORMAT, ModelFileError, get_model, load_model_file, save_model_file
+from get_model import FeedSnapshot, ModelFile, ModelFileError, save_model_file
 from get_post_embeddings import embed_posts, encoder_key, resolve_encoder
 from histories import Histories
 from learn_model import train_autoencoder, train_two_tower, world
@@ -44,7 +44,6 @@ from model import (
     TwoTower,
     TwoTowerConfig,
     make_user_batch,
-    two_tower_from_payload,
     user_tower_onnx,
 )
 from settings import OBJECTIVES, SCALE_NAMES, Settings, describe
@@ -65,7 +64,7 @@ class TrainResult:
     data: Dataset
     metrics: dict[str, dict[str, float]]
     history: list[dict[str, float]]
-    payload: dict[str, Any] | None  # None on the ranks other than 0 under torchrun: they write nothing
+    model_file: ModelFile | None  # None on the ranks other than 0 under torchrun: they write nothing
     seconds: dict[str, float]
 
 
@@ -116,16 +115,6 @@ def demo_data_present(settings: Settings) -> bool:
             return conn.execute(select(Feed.user_id).limit(1)).first() is not None
     finally:
         engine.dispose()
-
-
-def model_usable(settings: Settings) -> bool:
-    """Whether MODEL_PATH holds a model file this code can serve (else --if-missing retrains)."""
-    try:
-        two_tower_from_payload(load_model_file(settings.model_path, sha256=settings.model_sha256))
-        return True
-    except ModelFileError as exc:
-        print(f"{exc}: training a new one", file=sys.stderr)
-        return False
 
 
 def load_tables(
@@ -357,7 +346,7 @@ def train_stage(
     seconds["evaluate"] = time.perf_counter() - clock
 
     train_size = len(data.train_likes) if settings.objective == "softmax" else len(data.train_views)
-    payload = model_payload(
+    model_file = build_model_file(
         settings,
         model,
         autoencoder,
@@ -367,10 +356,10 @@ def train_stage(
         history=history,
         train_size=train_size,
     )
-    return TrainResult(model, data, metrics, history, payload, seconds)
+    return TrainResult(model, data, metrics, history, model_file, seconds)
 
 
-def model_payload(
+def build_model_file(
     settings: Settings,
     model: TwoTower,
     autoencoder: Autoencoder,
@@ -380,7 +369,7 @@ def model_payload(
     metrics: dict[str, dict[str, float]],
     history: list[dict[str, float]],
     train_size: int,
-) -> dict[str, Any]:
+) -> ModelFile:
     """The model file's content. Post statistics and histories are refreshed to the end of the feed."""
     end = int(to_seconds(feed["timestamp"]).max()) + 1
     histories = data.histories  # every event of the feed already, both sides of the cutoff
@@ -388,41 +377,32 @@ def model_payload(
     # feed moves on (serving.post_statistics_at), so a refresh with no new rows changes nothing.
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["post_stats"] = torch.tensor(data.post_stats_at(end))
-    mean, std = data.stats_scaler
-    return {
-        "format": FORMAT,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": asdict(model.config),
-        "state_dict": state,
-        "vocabs": data.vocabs,
-        "age_scaler": list(data.age_scaler),
-        "stats_scaler": {"mean": torch.tensor(mean), "std": torch.tensor(std)},
-        "post_stat_names": list(POST_STAT_NAMES),
-        "post_ids": torch.tensor(data.post_ids),
-        "text_encoder": resolve_encoder(settings.text_encoder).rsplit("/site-packages/", 1)[-1],
-        "encoder_key": encoder_key(settings.text_encoder, max_length=settings.embed_max_length),
-        "user_tower_onnx": torch.frombuffer(bytearray(user_tower_onnx(model)), dtype=torch.uint8),
-        "autoencoder": {
+    return ModelFile(
+        config=model.config,
+        state_dict=state,
+        autoencoder_dims={
             "in_dim": autoencoder.in_dim,
             "hidden_dim": autoencoder.hidden_dim,
             "code_dim": autoencoder.code_dim,
-            "state_dict": autoencoder.state_dict(),
         },
-        "objective": settings.objective,
-        "train_size": train_size,
-        "data_window": {name: format_time(getattr(data, name)) for name in ("start", "cutoff", "end")},
-        "metrics": metrics,
-        "history": history,
-        "serving": {
-            "snapshot_start": data.start,
-            "snapshot_end": end,
-            "feed_rows": len(feed),
-            "user_ids": torch.tensor(data.users.user_ids),
-            "user_categorical": torch.tensor(data.users.categorical),
-            "user_numeric": torch.tensor(data.users.numeric),
-            **{f"history_{name}": torch.tensor(array) for name, array in histories.to_arrays().items()},
-        },
-    }
+        autoencoder_state=autoencoder.state_dict(),
+        user_tower_onnx=user_tower_onnx(model),
+        vocabs=data.vocabs,
+        age_scaler=data.age_scaler,
+        stats_scaler=data.stats_scaler,
+        post_stat_names=POST_STAT_NAMES,
+        post_ids=data.post_ids,
+        text_encoder=resolve_encoder(settings.text_encoder).rsplit("/site-packages/", 1)[-1],
+        encoder_key=encoder_key(settings.text_encoder, max_length=settings.embed_max_length),
+        objective=settings.objective,
+        train_size=train_size,
+        data_window={name: format_time(getattr(data, name)) for name in ("start", "cutoff", "end")},
+        metrics=metrics,
+        history=history,
+        snapshot=FeedSnapshot(
+            start=data.start, end=end, feed_rows=len(feed), users=data.users, histories=histories
+        ),
+    )
 
 
 def write_history(history: list[dict[str, float]], out_dir: Path) -> list[Path]:
@@ -477,22 +457,18 @@ def user_embeddings_at(
 
 def export_embeddings(settings: Settings, out_dir: Path) -> dict[str, Path]:
     """User embeddings (at the end of the model's data) and post embeddings of the model, as CSV."""
-    payload = get_model(settings)
-    model = two_tower_from_payload(payload)
-    serving = {name: value.numpy() for name, value in payload["serving"].items() if torch.is_tensor(value)}
-    users = UserFeatures(serving["user_ids"], serving["user_categorical"], serving["user_numeric"])
-    histories = Histories.from_arrays(
-        {k.removeprefix("history_"): v for k, v in serving.items() if k.startswith("history_")}
-    )
+    model_file = get_model.get_model(settings)
+    model, snapshot = model_file.two_tower(), model_file.snapshot
     out_dir.mkdir(parents=True, exist_ok=True)
     post_path, user_path = out_dir / "post_embeddings.csv", out_dir / "user_embeddings.csv"
     with torch.inference_mode():
         post_table = pd.DataFrame(model.item_embeddings().numpy()).add_prefix("e")
-    post_table.insert(0, "post_id", payload["post_ids"].numpy())
+    post_table.insert(0, "post_id", model_file.post_ids)
     post_table.to_csv(post_path, index=False)
-    end = int(payload["serving"]["snapshot_end"])
-    user_table = pd.DataFrame(user_embeddings_at(model, users, histories, end)).add_prefix("e")
-    user_table.insert(0, "user_id", users.user_ids)
+    user_table = pd.DataFrame(
+        user_embeddings_at(model, snapshot.users, snapshot.histories, snapshot.end)
+    ).add_prefix("e")
+    user_table.insert(0, "user_id", snapshot.users.user_ids)
     user_table.to_csv(user_path, index=False)
     return {"posts": post_path, "users": user_path}
 
@@ -502,12 +478,12 @@ def export_embeddings(settings: Settings, out_dir: Path) -> dict[str, Path]:
 
 def run_all(settings: Settings, *, progress: bool = True) -> TrainResult:
     result = train_stage(settings, progress=progress)
-    if result.payload is None:  # a rank other than 0: rank 0 writes the model file
+    if result.model_file is None:  # a rank other than 0: rank 0 writes the model file
         return result
-    save_model_file(result.payload, settings.model_path)
+    save_model_file(result.model_file, settings.model_path)
     written = write_history(result.history, settings.model_path.parent)
     print(f"\nmodel file: {settings.model_path}  (history: {', '.join(str(p) for p in written)})")
-    print(f"data window: {result.payload['data_window']}  objective: {settings.objective}")
+    print(f"data window: {result.model_file.data_window}  objective: {settings.objective}")
     print("time (s): " + ", ".join(f"{k}={v:.1f}" for k, v in result.seconds.items()))
     print(summary_table(result.metrics))
     return result
@@ -559,25 +535,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dataset_of_model(
-    settings: Settings, payload: dict[str, Any], tables: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
+    settings: Settings, model_file: ModelFile, tables: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
 ) -> Dataset:
     """The tables split and featurised with a saved model's vocabularies and scalers (its exact inputs)."""
-    scaler = payload["stats_scaler"]
     return make_dataset(
         settings,
         *tables,
-        vocabs=payload["vocabs"],
-        age_scaler=tuple(payload["age_scaler"]),
-        stats_scaler=(scaler["mean"].numpy(), scaler["std"].numpy()),
+        vocabs=model_file.vocabs,
+        age_scaler=model_file.age_scaler,
+        stats_scaler=model_file.stats_scaler,
     )
 
 
 def evaluate_saved(settings: Settings, *, progress: bool = True) -> dict[str, dict[str, float]]:
     """Re-run the evaluation of the saved model file on the current database (same split and protocol)."""
-    payload = get_model(settings)
+    model_file = get_model.get_model(settings)
     users, posts, feed = load_tables(settings, progress=progress)
-    data = dataset_of_model(settings, payload, (users, posts, feed))
-    model = two_tower_from_payload(payload)  # evaluate_model sets the statistics of each window's cutoff
+    data = dataset_of_model(settings, model_file, (users, posts, feed))
+    model = model_file.two_tower()  # evaluate_model sets the statistics of each window's cutoff
     return evaluate_model(
         model, data, truth=load_truth(settings), feed=feed, seed=settings.seed, progress=progress
     )
@@ -615,7 +590,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 follow_post_embeddings(settings, every=args.every, progress=progress)
         elif command in ("all", "train"):
-            if command == "all" and getattr(args, "if_missing", False) and model_usable(settings):
+            if (
+                command == "all"
+                and getattr(args, "if_missing", False)
+                and get_model.usable(settings.model_path, sha256=settings.model_sha256)
+            ):
                 print(f"model file {settings.model_path} present: skipping training")
                 return 0
             if command == "train":

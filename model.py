@@ -1,6 +1,6 @@
-"""The networks: the text autoencoder and the two towers, their config, their inputs, and how a model is
-rebuilt from its file. The service and the training pipeline both import this module; the losses and the
-training loops live apart, in learn_model.py.
+"""The networks: the text autoencoder and the two towers, their config and their inputs. A library: the
+service and the training pipeline both import it; the losses and the training loops live apart, in
+learn_model.py, and the model file that carries a trained one in get_model.py.
 
 like logit(user, post) = <u, v> + bias, u = UserTower(user, history before t), v = ItemTower(post);
 ranking score = <u, v> + <A u, B v> + exposure(post) = ranking_item_matrix() @ ranking_user_vector(u):
@@ -9,19 +9,14 @@ the like logit's part and what the feed shows (a personal and a per-post exposur
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from features import LIKE_RATE_PRIOR_VIEWS, POST_STAT_NAMES, PRIOR_LIKE_RATE, UserFeatures, time_features
-from get_model import ModelFileError
 from histories import RECENCY_BUCKETS, Histories
-
-Module = TypeVar("Module", bound=nn.Module)
 
 # ----------------------------------------------------------------------------- config and inputs
 
@@ -434,41 +429,3 @@ def user_tower_onnx(model: TwoTower) -> bytes:
             opset_version=17,
         )
     return graph.getvalue()
-
-
-# ----------------------------------------------------------------------------- from the model file
-
-
-def autoencoder_from_payload(payload: dict[str, Any]) -> Autoencoder:
-    """The text autoencoder of a loaded model file, in eval mode: raw text embeddings -> the codes the
-    item tower reads (posts that appear after training go through it)."""
-
-    def build() -> Autoencoder:
-        saved = payload["autoencoder"]
-        model = Autoencoder(saved["in_dim"], hidden_dim=saved["hidden_dim"], code_dim=saved["code_dim"])
-        model.load_state_dict(saved["state_dict"])
-        return model
-
-    return _rebuilt(build).eval()
-
-
-def two_tower_from_payload(payload: dict[str, Any]) -> TwoTower:
-    """The trained TwoTower of a loaded model file (get_model.load_model_file), in eval mode."""
-
-    def build() -> TwoTower:
-        model = TwoTower(TwoTowerConfig(**payload["config"]))
-        model.load_state_dict(payload["state_dict"])
-        return model
-
-    return _rebuilt(build).eval()
-
-
-def _rebuilt(build: Callable[[], Module]) -> Module:
-    """build(), with a model file that does not fit this code reported as one ModelFileError."""
-    try:
-        return build()
-    except (TypeError, RuntimeError, KeyError) as exc:
-        raise ModelFileError(
-            f"the model file does not fit this version of the code ({str(exc).splitlines()[0][:160]}): "
-            "retrain it with `python main_script.py`"
-        ) from exc

@@ -35,9 +35,10 @@ from features import (
     user_features,
     window_days,
 )
+from get_model import FeedSnapshot, ModelFile
 from histories import ACTION_LIKE, RECENCY_BUCKETS, Histories, LayeredHistories, histories_from_rows
 from inference import OnnxUserTower, RequestInputs
-from model import TwoTower, TwoTowerConfig, autoencoder_from_payload, numeric_inputs, two_tower_from_payload
+from model import TwoTowerConfig, numeric_inputs
 from times import DAY_SECONDS
 
 FUTURE_TOLERANCE_SECONDS = DAY_SECONDS  # a row dated further past the clock moves no watermark or statistics
@@ -109,27 +110,19 @@ class Snapshot:
     # into histories): the recent-window statistics at any later time
 
     @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> Snapshot:
-        serving = {name: value for name, value in payload["serving"].items()}
-        arrays = {
-            k.removeprefix("history_"): v.numpy() for k, v in serving.items() if k.startswith("history_")
-        }
-        histories = Histories.from_arrays(arrays)
-        users = UserFeatures(
-            *(serving[name].numpy() for name in ("user_ids", "user_categorical", "user_numeric"))
-        )
-        end = int(serving["snapshot_end"])
-        n_posts = len(payload["post_ids"])
+    def of(cls, saved: FeedSnapshot, n_posts: int) -> Snapshot:
+        """The model file's snapshot and the per-post counts over it."""
+        histories, end = saved.histories, saved.end
         is_like = histories.ev_action == ACTION_LIKE
         likes = np.bincount(histories.ev_post, weights=is_like, minlength=n_posts).astype(np.int64)
         views = np.bincount(histories.ev_post, minlength=n_posts) - likes
         recent = np.flatnonzero(histories.ev_time >= end - RECENT_DAYS * DAY_SECONDS).astype(np.int32)
         return cls(
-            users=users,
+            users=saved.users,
             histories=histories,
-            start=int(serving["snapshot_start"]),
+            start=saved.start,
             end=end,
-            feed_rows=int(serving["feed_rows"]),
+            feed_rows=saved.feed_rows,
             views=views,
             likes=likes,
             recent=recent[np.argsort(histories.ev_time[recent], kind="stable")],
@@ -249,19 +242,19 @@ def make_search(
 
 
 class Recommender:
-    def __init__(
-        self, model: TwoTower, payload: dict[str, Any], *, threads: int = 1, faiss_min_posts: int = 50_000
-    ):
+    """The model of a model file, serving one ServingState at a time (see the module docstring)."""
+
+    def __init__(self, model_file: ModelFile, *, threads: int = 1, faiss_min_posts: int = 50_000):
+        torch.set_num_threads(threads)
         self.threads, self.faiss_min_posts = threads, faiss_min_posts
-        self.model = model.eval()
-        self.autoencoder = autoencoder_from_payload(payload)
-        self.vocabs: dict[str, list[str]] = payload["vocabs"]
-        self.age_scaler = tuple(payload["age_scaler"])
-        self.stats_scaler = tuple(payload["stats_scaler"][k].numpy() for k in ("mean", "std"))
-        self.encoder_key: str = payload["encoder_key"]
-        self.snapshot = Snapshot.from_payload(payload)
-        snapshot = self.snapshot
-        post_ids = payload["post_ids"].numpy()
+        self.model = model = model_file.two_tower()
+        self.autoencoder = model_file.text_autoencoder()
+        self.vocabs = model_file.vocabs
+        self.age_scaler = model_file.age_scaler
+        self.stats_scaler = model_file.stats_scaler
+        self.encoder_key = model_file.encoder_key
+        self.snapshot = snapshot = Snapshot.of(model_file.snapshot, len(model_file.post_ids))
+        post_ids = model_file.post_ids
         with torch.inference_mode():
             ranking_matrix = model.ranking_item_matrix().numpy()
         self.state = ServingState(
@@ -281,15 +274,7 @@ class Recommender:
             item_dim=model.config.embed_dim,
         )
         self._apply_lock = threading.Lock()  # one refresh at a time builds on the current state
-        graph = payload["user_tower_onnx"].numpy().tobytes()
-        self._user_tower = OnnxUserTower(graph, model.config, threads=threads)
-
-    @classmethod
-    def from_payload(
-        cls, payload: dict[str, Any], *, threads: int, faiss_min_posts: int = 50_000
-    ) -> Recommender:
-        torch.set_num_threads(threads)
-        return cls(two_tower_from_payload(payload), payload, threads=threads, faiss_min_posts=faiss_min_posts)
+        self._user_tower = OnnxUserTower(model_file.user_tower_onnx, model.config, threads=threads)
 
     @property
     def user_ids(self) -> np.ndarray:

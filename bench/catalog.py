@@ -43,7 +43,7 @@ def model_vectors(model_path: Path, n_queries: int, seed: int) -> tuple[np.ndarr
     from get_model import load_model_file
     from serving import Recommender
 
-    recommender = Recommender.from_payload(load_model_file(model_path, mmap=True), threads=1)
+    recommender = Recommender(load_model_file(model_path, mmap=True), threads=1)
     state = recommender.state
     rows = rng.integers(0, len(state.users.user_ids), n_queries)
     times = rng.integers(recommender.snapshot.start, recommender.snapshot.end, n_queries)

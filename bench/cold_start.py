@@ -23,13 +23,18 @@ Targets (the live-service issue): model HitRate@5 >= 0.7 x the oracle's and >= 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from get_model import ModelFile
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,33 +46,34 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def payload_at(payload: dict, cutoff: int) -> dict:
+def model_file_at(model_file: ModelFile, cutoff: int) -> ModelFile:
     """The model file as a service running at `cutoff` would hold it: the snapshot's events before the
     cutoff only, post statistics at the cutoff (the same counts the service keeps, serving.py)."""
     import torch
 
     from features import post_counts, post_stats_from_counts, window_days
-    from histories import ACTION_LIKE, Histories
+    from histories import ACTION_LIKE
 
-    serving = dict(payload["serving"])
-    arrays = {k.removeprefix("history_"): v.numpy() for k, v in serving.items() if k.startswith("history_")}
-    histories = Histories.from_arrays(arrays)
+    snapshot = model_file.snapshot
+    histories = snapshot.histories
     before = histories.select(histories.ev_time < cutoff)
     before.likes = histories.likes.select(histories.likes.ev_time < cutoff)
-    serving |= {f"history_{name}": torch.from_numpy(array) for name, array in before.to_arrays().items()}
-    serving["snapshot_end"] = cutoff
     counts = post_counts(
         before.ev_post,
         before.ev_action == ACTION_LIKE,
         before.ev_time,
-        len(payload["post_ids"]),
+        len(model_file.post_ids),
         cutoff=cutoff,
     )
-    stats = post_stats_from_counts(*counts, window_days=window_days(int(serving["snapshot_start"]), cutoff))
-    mean, std = (payload["stats_scaler"][key].numpy() for key in ("mean", "std"))
-    state = dict(payload["state_dict"])
+    stats = post_stats_from_counts(*counts, window_days=window_days(snapshot.start, cutoff))
+    mean, std = model_file.stats_scaler
+    state = dict(model_file.state_dict)
     state["post_stats"] = torch.from_numpy(((stats - mean) / std).astype(np.float32))
-    return payload | {"serving": serving, "state_dict": state}
+    return dataclasses.replace(
+        model_file,
+        snapshot=dataclasses.replace(snapshot, histories=before, end=cutoff),
+        state_dict=state,
+    )
 
 
 def main() -> None:
@@ -123,7 +129,7 @@ def main() -> None:
     before_cutoff = seen_feed[to_seconds(seen_feed["timestamp"]) < cutoff]
     get_features_table.write_tables(engine, users=users, posts=posts, feed=before_cutoff, progress=False)
     main_script.sync_post_embeddings(settings, progress=False)
-    recommender = Recommender.from_payload(payload_at(trained.payload, cutoff), threads=1)
+    recommender = Recommender(model_file_at(trained.model_file, cutoff), threads=1)
     recommender.apply(Changes(texts=posts, live_post_ids=posts["post_id"].to_numpy()))
     report = TableFollower(engine, recommender, lookback_seconds=settings.refresh_lookback_seconds).cycle()
     engine.dispose()

@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 PERSONAL = ("recent_popularity", "item_knn", "ease")
 SHOWN = ("roc_auc", "log_loss", "ece", "hitrate@5", "recall@10", "ndcg@10", "coverage")
@@ -94,8 +92,10 @@ def one_run(name: str, folder: Path, env: dict[str, str], generate: list[str]) -
     run(generate, env)
     log(f"{name}: python main_script.py all")
     seconds = run(["main_script.py", "--quiet", "all"], env)
-    payload = torch.load(folder / "model.pt", weights_only=True, map_location="cpu")
-    metrics = payload["metrics"]
+    sys.path.insert(0, str(ROOT))
+    from get_model import load_model_file
+
+    metrics = load_model_file(folder / "model.pt").metrics
     result = {"end_to_end_s": round(seconds, 1), "metrics": metrics, "ratios": ratios(metrics)}
     log(f"\n## {name} (main_script.py all: {seconds:.0f} s)\n{table(metrics)}")
     log(json.dumps(result["ratios"], indent=2))

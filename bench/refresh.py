@@ -156,9 +156,7 @@ def main() -> None:
     engine = database.make_engine(url)
     try:
         clock = time.perf_counter()
-        recommender = Recommender.from_payload(
-            load_model_file(args.data_dir / "model.pt", mmap=True), threads=1
-        )
+        recommender = Recommender(load_model_file(args.data_dir / "model.pt", mmap=True), threads=1)
         import get_features_table
 
         posts = get_features_table.read_table(engine, "post_text_df")

@@ -61,6 +61,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import get_model  # noqa: E402
+from get_model import ModelFile  # noqa: E402
 from settings import SCALE_NAMES  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/bench"
@@ -145,21 +147,6 @@ def run_step(args: list[str], *, env: dict[str, str]) -> float:
     return time.perf_counter() - clock
 
 
-def model_usable(model_path: Path) -> bool:
-    """Whether the model file exists and this code can serve it (a file of an older format is not)."""
-    from get_model import ModelFileError, load_model_file
-    from model import two_tower_from_payload
-
-    if not model_path.is_file():
-        return False
-    try:
-        two_tower_from_payload(load_model_file(model_path))
-        return True
-    except ModelFileError as exc:
-        log(f"model: {exc}")
-        return False
-
-
 def ensure_database(database_url: str) -> None:
     """Create the PostgreSQL database of `database_url` when the server lacks it (SQLite files create
     themselves); a server that cannot be reached or refuses stops the bench with one line."""
@@ -201,7 +188,7 @@ def build_or_reuse(*, database_url: str, data_dir: Path, scale: str) -> dict[str
         log(f"demo data: feed_data is empty in {database_url}: generating the {scale!r} demo")
         info["demo_data_s"] = round(run_step(["demo-data", "--scale", scale], env=env), 1)
         log(f"demo data: generated in {info['demo_data_s']} s")
-    if model_usable(model_path):
+    if get_model.usable(model_path):
         log(f"model: reusing {model_path}")
     else:
         log(
@@ -219,14 +206,14 @@ def build_or_reuse(*, database_url: str, data_dir: Path, scale: str) -> dict[str
 
 
 def request_plan(
-    payload: dict, *, n: int, seed: int = 0, limit: int = 5
+    model_file: ModelFile, *, n: int, seed: int = 0, limit: int = 5
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """n random (known user row, time in the data window) pairs and their recommendation URLs."""
     from times import parse_time
 
     rng = np.random.default_rng(seed)
-    user_ids = payload["serving"]["user_ids"].numpy()
-    window = payload["data_window"]
+    user_ids = model_file.snapshot.users.user_ids
+    window = model_file.data_window
     start, end = parse_time(window["start"]), parse_time(window["end"])
     rows = rng.integers(0, len(user_ids), n)
     times = rng.integers(start, end, n)
@@ -272,7 +259,7 @@ def read_posts(database_url: str) -> pd.DataFrame:
 
 
 def measure_inprocess(
-    payload: dict,
+    model_file: ModelFile,
     posts: pd.DataFrame,
     rows: np.ndarray,
     times: np.ndarray,
@@ -284,7 +271,7 @@ def measure_inprocess(
     from serving import Changes, Recommender
     from times import parse_time
 
-    recommender = Recommender.from_payload(payload, threads=1)
+    recommender = Recommender(model_file, threads=1)
     state = recommender.apply(Changes(texts=posts, live_post_ids=posts["post_id"].to_numpy()))
     missing = len(state.texts_missing())
     assert missing == 0, f"{missing} posts of the model are not in post_text_df: is the model stale?"
@@ -315,7 +302,7 @@ def measure_inprocess(
     }
 
 
-def profile_inprocess(payload: dict, rows: np.ndarray, times: np.ndarray, *, limit: int = 5) -> None:
+def profile_inprocess(model_file: ModelFile, rows: np.ndarray, times: np.ndarray, *, limit: int = 5) -> None:
     """cProfile of Recommender.recommend over the planned requests, top functions on stderr."""
     import cProfile
     import io
@@ -323,7 +310,7 @@ def profile_inprocess(payload: dict, rows: np.ndarray, times: np.ndarray, *, lim
 
     from serving import Recommender
 
-    recommender = Recommender.from_payload(payload, threads=1)
+    recommender = Recommender(model_file, threads=1)
     state = recommender.state
     for row, moment in zip(rows[:200], times[:200], strict=True):
         recommender.recommend(state, int(row), int(moment), limit)
@@ -690,21 +677,19 @@ def run_benchmark(
 
     build = build_or_reuse(database_url=database_url, data_dir=data_dir, scale=scale)
 
-    from get_model import load_model_file
-
-    payload = load_model_file(data_dir / "model.pt")
-    rows, times, paths = request_plan(payload, n=max(requests, 20_000), seed=seed, limit=limit)
-    n_users, n_posts = len(payload["serving"]["user_ids"]), len(payload["post_ids"])
-    log(f"model: {n_users} users, {n_posts} posts, data window {payload['data_window']}")
+    model_file = get_model.load_model_file(data_dir / "model.pt")
+    rows, times, paths = request_plan(model_file, n=max(requests, 20_000), seed=seed, limit=limit)
+    n_users, n_posts = len(model_file.snapshot.users.user_ids), len(model_file.post_ids)
+    log(f"model: {n_users} users, {n_posts} posts, data window {model_file.data_window}")
     if scale == "full" and (n_users, n_posts) != (163_205, 7_023):
         log(f"warning: the model holds {n_users} users / {n_posts} posts, not the full demo's 163205 / 7023")
 
     log(f"in-process: {requests} calls after 200 warm-up calls (torch threads 1)")
     posts = read_posts(database_url)
-    inproc = measure_inprocess(payload, posts, rows[:requests], times[:requests], limit=limit)
+    inproc = measure_inprocess(model_file, posts, rows[:requests], times[:requests], limit=limit)
     if profile:
-        profile_inprocess(payload, rows[:requests], times[:requests], limit=limit)
-    del payload, posts
+        profile_inprocess(model_file, rows[:requests], times[:requests], limit=limit)
+    del model_file, posts
     log(f"in-process recommend: {inproc['recommend']}")
     log(f"in-process recommend, thread CPU time: {inproc['recommend_cpu']}")
     log(f"in-process endpoint path: {inproc['endpoint']}")

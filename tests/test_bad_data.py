@@ -278,7 +278,7 @@ def demo(tmp_path_factory):
 
 
 def test_unseen_topic_maps_to_the_unknown_bucket(demo):
-    vocab = load_model_file(demo.model_path)["vocabs"]["topic"]
+    vocab = load_model_file(demo.model_path).vocabs["topic"]
     assert vocab[0] == UNKNOWN and "astrology" not in vocab
     assert encode(pd.Series(["astrology", vocab[1]]), vocab).tolist() == [0, 1]
 

@@ -186,8 +186,8 @@ def test_torchrun_trains_and_rank_0_alone_writes_the_model_file(tmp_path_factory
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    payload = load_model_file(model_path)
-    assert len(payload["history"]) == 1 and payload["metrics"]["model"]["roc_auc"] > 0.5
+    model_file = load_model_file(model_path)
+    assert len(model_file.history) == 1 and model_file.metrics["model"]["roc_auc"] > 0.5
     assert done.stdout.count("model file:") == 1, "only rank 0 reports and writes"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("ddp", ".ddp"))) == ["ddp.pt"]
 

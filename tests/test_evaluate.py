@@ -205,10 +205,10 @@ def test_baselines_never_count_the_test_window():
 
 
 def test_the_model_is_scored_at_the_cutoff(tiny_model):
-    payload = main_script.get_model(tiny_model)
+    model_file = main_script.get_model.get_model(tiny_model)
     tables = main_script.load_tables(tiny_model, progress=False)
-    data = main_script.dataset_of_model(tiny_model, payload, tables)
-    model = main_script.two_tower_from_payload(payload)
+    data = main_script.dataset_of_model(tiny_model, model_file, tables)
+    model = model_file.two_tower()
     reported = evaluate_model(model, data, progress=False)["model"]
 
     with torch.no_grad():

