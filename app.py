@@ -40,7 +40,7 @@ from table_user import User
 from times import TIME_HINT, TIME_PATTERN, TIME_RANGE, parse_time
 
 MAX_LIMIT = 100  # every ?limit= is bounded, so no request can ask for an unbounded response
-MAX_ID = 2**31 - 1  # the tables' ids are 32-bit integers
+MAX_ID = database.INT32_MAX  # the tables' ids are 32-bit integers
 log = logging.getLogger("recommender")
 
 IdPath = Annotated[int, Path(ge=0, le=MAX_ID, description="the row's id", examples=[200])]

@@ -16,6 +16,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # the tables' INTEGER columns (ids too): 32-bit on PostgreSQL
+
 
 class Base(DeclarativeBase):
     pass

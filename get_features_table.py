@@ -37,7 +37,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Connection, Engine, Table, insert, inspect, select, type_coerce
+from sqlalchemy import (
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    Table,
+    insert,
+    inspect,
+    select,
+    type_coerce,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateIndex, CreateTable
@@ -47,41 +58,35 @@ from tqdm import tqdm
 
 import database
 import table_feed  # noqa: F401  (registers the three tables on Base.metadata)
+from database import INT32_MAX, INT32_MIN
 from times import TIME_FORMAT, TIME_HINT, TIME_RANGE
 
+TABLES = ("user_data", "post_text_df", "feed_data")  # load order: users and posts before the feed
+
+
+def _dtype(column: Column) -> str:
+    """The pandas dtype of an ORM column: what reads return and validation converts to."""
+    if isinstance(column.type, Integer):
+        return "Int64" if column.nullable else "int64"
+    if isinstance(column.type, DateTime):
+        return "datetime64[ns]"
+    return "str"
+
+
+# Everything below is derived from the ORM tables (table_user.py, table_post.py, table_feed.py): each
+# column's dtype, the primary keys, which columns may be NULL, the allowed values (info["values"]) and
+# the low-cardinality text read as categories (info["category"]).
+_ORM = {name: database.Base.metadata.tables[name] for name in TABLES}
 COLUMNS: dict[str, dict[str, str]] = {
-    "user_data": {
-        "user_id": "int64",
-        "gender": "int64",
-        "age": "int64",
-        "country": "str",
-        "city": "str",
-        "exp_group": "int64",
-        "os": "str",
-        "source": "str",
-    },
-    "post_text_df": {"post_id": "int64", "text": "str", "topic": "str"},
-    "feed_data": {
-        "timestamp": "datetime64[ns]",
-        "user_id": "int64",
-        "post_id": "int64",
-        "action": "str",
-        "target": "Int64",
-    },
+    name: {c.name: _dtype(c) for c in t.columns} for name, t in _ORM.items()
 }
-TABLES = tuple(COLUMNS)  # in the order they load: users and posts before the feed that names them
-PRIMARY_KEYS = {"user_data": "user_id", "post_text_df": "post_id"}
+PRIMARY_KEYS = {name: t.primary_key.columns[0].name for name, t in _ORM.items() if t.primary_key.columns}
 DOMAINS: dict[tuple[str, str], tuple[object, ...]] = {
-    ("user_data", "gender"): (0, 1),
-    ("user_data", "exp_group"): (0, 1, 2, 3, 4),
-    ("feed_data", "action"): ("view", "like"),
-    ("feed_data", "target"): (0, 1),
+    (name, c.name): c.info["values"] for name, t in _ORM.items() for c in t.columns if "values" in c.info
 }
-NULLABLE = {("feed_data", "target")}
-# Low-cardinality text read as categories first: two shared string objects instead of one per row.
-CATEGORICAL = {("feed_data", "action")}
+NULLABLE = {(name, c.name) for name, t in _ORM.items() for c in t.columns if c.nullable}
+CATEGORICAL = {(name, c.name) for name, t in _ORM.items() for c in t.columns if c.info.get("category")}
 TIMESTAMP_FORMATS = (TIME_FORMAT, "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S.%f")
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # the ORM columns are INTEGER, 32-bit on PostgreSQL
 MAX_PROBLEMS = 10
 READ_CHUNK_ROWS = 500_000
 WRITE_CHUNK_ROWS = 250_000

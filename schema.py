@@ -1,4 +1,8 @@
-"""Pydantic response models (the course conventions the seed follows)."""
+"""Pydantic response models (the course's conventions, which the original project follows).
+
+Their fields are the ORM tables' columns (table_*.py), renamed where the course names them differently
+(`id`, `time`); tests/test_house.py fails when a field and its column drift apart.
+"""
 
 from datetime import datetime
 from typing import Annotated

@@ -35,6 +35,7 @@ from features import (
     user_features,
     window_days,
 )
+from get_features_table import COLUMNS
 from get_model import FeedSnapshot, ModelFile
 from histories import ACTION_LIKE, RECENCY_BUCKETS, Histories, LayeredHistories, histories_from_rows
 from inference import OnnxUserTower, RequestInputs
@@ -336,10 +337,8 @@ class Recommender:
         """Features and history of a user in user_data that the state does not hold yet (an ORM row or
         any object with the columns): the feed rows already merged for them, so they are served exactly
         like a known user, exclusions included, until the next refresh adds them."""
-        columns = ("user_id", "gender", "country", "city", "exp_group", "os", "source", "age")
-        features = user_features(
-            pd.DataFrame([{c: getattr(user, c) for c in columns}]), self.vocabs, self.age_scaler
-        )
+        row = {column: getattr(user, column) for column in COLUMNS["user_data"]}
+        features = user_features(pd.DataFrame([row]), self.vocabs, self.age_scaler)
         mine = state.rows.select(state.rows.user_id == features.user_ids[0])
         post_rows = state.post_rows(mine.post_id)
         known = post_rows >= 0

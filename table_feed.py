@@ -2,8 +2,9 @@
 
 The real table has no primary key and no foreign keys, so none is created here either: the ORM maps
 (timestamp, user_id, post_id, action) as its identity, and the joins to users and posts are declared
-on the relationship only. Two indexes serve "a user's feed" and "a post's feed", newest first; the
-third, on timestamp alone, lets the service's refresh read the rows of a recent window without a scan.
+on the relationship only. The columns here are the one statement of the table (see table_user.py).
+Two indexes serve "a user's feed" and "a post's feed", newest first; the third, on timestamp alone,
+lets the service's refresh read the rows of a recent window without a scan.
 """
 
 from datetime import datetime
@@ -27,8 +28,10 @@ class Feed(Base):
     timestamp: Mapped[datetime] = mapped_column(DateTime)
     user_id: Mapped[int] = mapped_column(Integer)
     post_id: Mapped[int] = mapped_column(Integer)
-    action: Mapped[str] = mapped_column(String)  # 'view' | 'like'
-    target: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1 = view followed by a like
+    # "category": few distinct values, read as a pandas category (two shared strings, not one per row)
+    action: Mapped[str] = mapped_column(String, info={"values": ("view", "like"), "category": True})
+    # on a view: 1 when a like followed it; on a like row: 0 or NULL
+    target: Mapped[int | None] = mapped_column(Integer, nullable=True, info={"values": (0, 1)})
 
     user: Mapped[User] = relationship(
         primaryjoin="foreign(Feed.user_id) == User.user_id", lazy="joined", innerjoin=True, viewonly=True

@@ -1,4 +1,5 @@
-"""ORM table post_text_df: one row per post, as in the users' existing table."""
+"""ORM table post_text_df: one row per post, as in the users' existing table (the one statement of its
+columns, see table_user.py). Topics are free text: any non-empty topic is accepted."""
 
 from sqlalchemy import Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column

@@ -1,4 +1,9 @@
-"""ORM table user_data: one row per user, as in the users' existing table."""
+"""ORM table user_data: one row per user, as in the users' existing table.
+
+The columns here are the one statement of the table: CSV validation, reads and writes
+(get_features_table) and the response model (schema.UserGet, held to it by a test) derive from them.
+`info={"values": ...}` lists a column's allowed values.
+"""
 
 from sqlalchemy import Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
@@ -10,10 +15,10 @@ class User(Base):
     __tablename__ = "user_data"
 
     user_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    gender: Mapped[int] = mapped_column(Integer)  # 0 / 1
+    gender: Mapped[int] = mapped_column(Integer, info={"values": (0, 1)})
     age: Mapped[int] = mapped_column(Integer)
     country: Mapped[str] = mapped_column(String)
     city: Mapped[str] = mapped_column(String)
-    exp_group: Mapped[int] = mapped_column(Integer)  # 0..4
+    exp_group: Mapped[int] = mapped_column(Integer, info={"values": (0, 1, 2, 3, 4)})  # experimental group
     os: Mapped[str] = mapped_column(String)
-    source: Mapped[str] = mapped_column(String)
+    source: Mapped[str] = mapped_column(String)  # 'ads' | 'organic' in the course's data; free text here

