@@ -14,6 +14,8 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,10 +28,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from features import Interactions, UserFeatures
+from features import Dataset, Interactions, UserFeatures
 from histories import Histories
 from model import Autoencoder, TwoTower, UserBatch, make_user_batch
-from settings import OBJECTIVES
+from settings import OBJECTIVES, Settings
 from times import DAY_SECONDS
 
 log = logging.getLogger(__name__)
@@ -378,48 +380,73 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
             yield order[start : start + batch_size][rank::size]
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the two towers are trained (model.TwoTowerConfig says what the network is). Built once from
+    the settings (from_settings); tests and benches build it with tiny sizes."""
+
+    objective: str = "joint"  # bce | softmax | joint (settings.OBJECTIVES)
+    epochs: int = 6
+    batch_size: int = 1024  # the global batch: each of N torchrun ranks trains on 1/N
+    lr: float = 2e-3
+    seed: int = 0
+    device: str = "cpu"  # a torch device; main_script.training_device resolves the DEVICE setting
+    history_items_every: int = 50  # > 0: histories read item encodings recomputed every N steps
+    per_day_stats: bool = True  # each sample reads its post's statistics at the start of its day
+    weight_decay: float = 1e-5
+    softmax_weight: float = 1.0
+    monitor_train: int = 20_000  # training views whose pointwise metrics are logged each epoch
+    monitor_val: int = 50_000  # validation views, likewise
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **changes: Any) -> TrainConfig:
+        """The settings' training values, with `changes` (e.g. device=) on top."""
+        values = {
+            "objective": settings.objective,
+            "epochs": settings.epochs,
+            "batch_size": settings.batch_size,
+            "lr": settings.learning_rate,
+            "seed": settings.seed,
+            "history_items_every": settings.history_items_every,
+        }
+        return cls(**(values | changes))
+
+
 def train_two_tower(
     model: TwoTower,
+    data: Dataset,
+    config: TrainConfig,
     *,
-    users: UserFeatures,
-    histories: Histories,
-    views: Interactions | None = None,
-    likes: Interactions | None = None,
-    monitor_train: Interactions | None = None,
-    monitor_val: Interactions | None = None,
     validate: Callable[[TwoTower], float] | None = None,
-    objective: str,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    device: torch.device | str = "cpu",
-    history_items_every: int = 0,
-    stats_by_day: tuple[int, np.ndarray] | None = None,
-    weight_decay: float = 1e-5,
-    softmax_weight: float = 1.0,
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Train in place on `device`; returns one row per epoch (loss, speed, train/val pointwise metrics).
-    The model ends on the CPU, in eval mode, with the weights of its best epoch by `validate`.
+    """Train in place on config.device; returns one row per epoch (loss, speed, train/val pointwise
+    metrics). The model ends on the CPU, in eval mode, with the weights of its best epoch by `validate`.
 
-    objective "bce": pointwise on `views` (with their like targets), an epoch is a pass over them.
-    "softmax": in-batch sampled softmax on `likes`, an epoch is a pass over them.
-    "joint": both losses on each batch of views (joint_loss), an epoch is a pass over the views; the
-    ranking score then adds the model's exposure term (TwoTowerConfig.exposure_head).
-    monitor_train / monitor_val are views whose ROC-AUC, accuracy and log-loss are logged each epoch
-    (by rank 0 alone under torchrun). validate(model) scores the model on the validation window after
-    each epoch (higher is better, logged as "validation"); the weights of the best epoch are kept (early
-    stopping; rank 0 alone, which writes the model file). batch_size is the global batch: each of N
-    ranks trains on 1/N.
+    objective "bce": pointwise on the training views (with their like targets), an epoch is a pass over
+    them. "softmax": in-batch sampled softmax on the liked views, an epoch is a pass over them. "joint":
+    both losses on each batch of views (joint_loss), an epoch is a pass over the views; the ranking score
+    then adds the model's exposure term (TwoTowerConfig.exposure_head).
+    config.monitor_train / monitor_val views (samples of the training and validation windows) have their
+    ROC-AUC, accuracy and log-loss logged each epoch (by rank 0 alone under torchrun). validate(model)
+    scores the model on the validation window after each epoch (higher is better, logged as
+    "validation"); the weights of the best epoch are kept (early stopping; rank 0 alone, which writes
+    the model file).
     history_items_every > 0: the histories read the item tower's output for every post, computed
     without gradient every that many steps, and the tower runs on the batch's targets alone (faster;
     0: the history's posts go through the tower, with gradient, at every step).
-    stats_by_day = (day0, table [n_days, n_posts, n_post_stats]): each sample's post statistics are
-    table[(time - day0) // 1 day], those before the start of its day (features.Dataset.post_stats_by_day),
-    so the item tower and the exposure term learn from the popularity of the moment, as they are used;
-    None: every sample reads the model's post_stats.
+    per_day_stats: each sample's post statistics are those before the start of its day
+    (features.Dataset.post_stats_by_day), so the item tower and the exposure term learn from the
+    popularity of the moment, as they are used; else every sample reads the model's post_stats.
     """
+    objective, epochs, batch_size, seed = config.objective, config.epochs, config.batch_size, config.seed
+    users, histories = data.users, data.histories
+    views, likes = data.train_views, data.train_likes
+    monitors = (
+        ("train", views.sample(config.monitor_train, seed=seed) if config.monitor_train else None),
+        ("val", data.val_views.sample(config.monitor_val, seed=seed) if config.monitor_val else None),
+    )
+    stats_by_day = (data.start, data.post_stats_by_day(data.val_cutoff)) if config.per_day_stats else None
     assert objective in OBJECTIVES, f"unknown objective {objective!r}, expected one of {OBJECTIVES}"
     rank, size = world()
     assert batch_size % size == 0, f"batch_size {batch_size} must divide among the {size} ranks"
@@ -428,22 +455,22 @@ def train_two_tower(
     assert main is not None and len(main) >= batch_size, (
         f"objective {objective!r} needs at least batch_size={batch_size} {'views' if uses_views else 'likes'}"
     )
-    device = torch.device(device)
+    device = torch.device(config.device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.to(device)
     step = TrainingStep(
-        model, objective, post_log_frequency(main.post_rows, model.config.n_posts), softmax_weight
+        model, objective, post_log_frequency(main.post_rows, model.config.n_posts), config.softmax_weight
     )
     step.to(device)
     # joint uses every parameter; softmax leaves the BCE bias out, bce the exposure head (when there is one):
     # DDP must then look for the unused ones rather than wait for their gradients
     unused = objective != "joint"
     loss_of = DistributedDataParallel(step, find_unused_parameters=unused) if size > 1 else step
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = len(main) // batch_size  # the same on every rank: the schedule counts global steps
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1
+        optimizer, max_lr=config.lr, total_steps=epochs * steps_per_epoch, pct_start=0.1
     )
     batches = _batches(len(main), batch_size, rng)
     history: list[dict[str, float]] = []
@@ -455,7 +482,7 @@ def train_two_tower(
         show = progress and rank == 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{epochs}", disable=not show, leave=False)
         for step_number in bar:
-            if history_items_every and step_number % history_items_every == 0:
+            if config.history_items_every and step_number % config.history_items_every == 0:
                 with torch.no_grad():
                     history_items = model.item_embeddings()
             part = main.subset(next(batches))
@@ -482,7 +509,7 @@ def train_two_tower(
             "seconds": seconds,
             "samples_per_s": steps_per_epoch * batch_size / seconds,
         }
-        for name, samples in (("train", monitor_train), ("val", monitor_val)):
+        for name, samples in monitors:
             if rank == 0 and samples is not None and len(samples):
                 logits = predict(model, users, histories, samples)
                 row |= {

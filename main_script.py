@@ -38,7 +38,7 @@ from get_features_table import TABLES
 from get_model import FeedSnapshot, ModelFile, ModelFileError, save_model_file
 from get_post_embeddings import embed_posts, encoder_key, resolve_encoder
 from histories import Histories
-from learn_model import train_autoencoder, train_two_tower, world
+from learn_model import TrainConfig, train_autoencoder, train_two_tower, world
 from model import (
     Autoencoder,
     TwoTower,
@@ -311,24 +311,9 @@ def train_stage(
 
     model = new_model(settings, data, codes, use_history=use_history, use_text=use_text)
     clock = time.perf_counter()
+    config = TrainConfig.from_settings(settings, device=str(training_device(settings.device)))
     history = train_two_tower(
-        model,
-        users=data.users,
-        histories=data.histories,
-        views=data.train_views,
-        likes=data.train_likes,
-        monitor_train=data.train_views.sample(20_000, seed=settings.seed),
-        monitor_val=data.val_views.sample(50_000, seed=settings.seed),
-        validate=partial(validation_score, data=data),
-        objective=settings.objective,
-        epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        lr=settings.learning_rate,
-        seed=settings.seed,
-        device=training_device(settings.device),
-        history_items_every=settings.history_items_every,
-        stats_by_day=(data.start, data.post_stats_by_day(data.val_cutoff)),
-        progress=progress,
+        model, data, config, validate=partial(validation_score, data=data), progress=progress
     )
     seconds["train"] = time.perf_counter() - clock
     if rank != 0:

@@ -40,7 +40,14 @@ def measure(objectives: list[str], profile_steps: int) -> dict:
     import torch
 
     import main_script
-    from learn_model import TrainingStep, post_log_frequency, train_autoencoder, train_two_tower, world
+    from learn_model import (
+        TrainConfig,
+        TrainingStep,
+        post_log_frequency,
+        train_autoencoder,
+        train_two_tower,
+        world,
+    )
     from model import make_user_batch
     from settings import Settings
 
@@ -66,22 +73,11 @@ def measure(objectives: list[str], profile_steps: int) -> dict:
 
     epochs = {}
     for objective in objectives:
-        history = train_two_tower(
-            main_script.new_model(settings, data, codes, objective=objective),
-            users=data.users,
-            histories=data.histories,
-            views=data.train_views,
-            likes=data.train_likes,
-            objective=objective,
-            epochs=1,
-            batch_size=settings.batch_size,
-            lr=settings.learning_rate,
-            seed=settings.seed,
-            device=device,
-            history_items_every=settings.history_items_every,
-            stats_by_day=(data.start, data.post_stats_by_day(data.val_cutoff)),
-            progress=False,
+        config = TrainConfig.from_settings(
+            settings, device=str(device), objective=objective, epochs=1, monitor_train=0, monitor_val=0
         )
+        model = main_script.new_model(settings, data, codes, objective=objective)
+        history = train_two_tower(model, data, config, progress=False)
         epochs[objective] = {"epoch_s": history[0]["seconds"], "samples_per_s": history[0]["samples_per_s"]}
         if rank == 0:
             log(f"{objective}: {epochs[objective]}")

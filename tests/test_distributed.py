@@ -8,6 +8,7 @@ A second test runs the real command, `torchrun --nproc_per_node=2 main_script.py
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from features import Dataset, build_dataset
 from get_model import load_model_file
-from learn_model import TrainingStep, post_log_frequency, sample_post_stats, train_two_tower
+from learn_model import TrainConfig, TrainingStep, post_log_frequency, sample_post_stats, train_two_tower
 from model import TwoTower, TwoTowerConfig, make_user_batch
 from times import DAY_SECONDS
 
@@ -77,20 +78,11 @@ def problem() -> tuple[TwoTower, object]:
     return model, data
 
 
+TINY = TrainConfig(epochs=1, batch_size=BATCH, lr=5e-3, history_items_every=0, monitor_train=0, monitor_val=0)
+
+
 def train(model: TwoTower, data: Dataset) -> None:
-    train_two_tower(
-        model,
-        users=data.users,
-        histories=data.histories,
-        views=data.train_views,
-        objective="joint",
-        epochs=1,
-        batch_size=BATCH,
-        lr=5e-3,
-        seed=0,
-        stats_by_day=(data.start, data.post_stats_by_day(data.val_cutoff)),
-        progress=False,
-    )
+    train_two_tower(model, data, TINY, progress=False)
 
 
 def step_gradients(model: TwoTower, data: Dataset, rows: np.ndarray) -> dict[str, torch.Tensor]:
@@ -116,19 +108,8 @@ def rank_main(rank: int, world: int, rendezvous: str, out: str) -> None:
         torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
         for objective in ("softmax", "bce"):  # the other objectives run under DDP too
             model, data = problem()
-            train_two_tower(
-                model,
-                users=data.users,
-                histories=data.histories,
-                views=data.train_views,
-                likes=data.train_likes,
-                objective=objective,
-                epochs=1,
-                batch_size=32,
-                lr=5e-3,
-                seed=0,
-                progress=False,
-            )
+            config = dataclasses.replace(TINY, objective=objective, batch_size=32, per_day_stats=False)
+            train_two_tower(model, data, config, progress=False)
             torch.save(model.state_dict(), Path(out) / f"{objective}{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -214,19 +195,8 @@ def test_training_keeps_the_weights_of_the_epoch_best_on_validation():
         seen.append({k: v.clone() for k, v in candidate.state_dict().items()})
         return next(scores)
 
-    history = train_two_tower(
-        model,
-        users=data.users,
-        histories=data.histories,
-        views=data.train_views,
-        objective="joint",
-        epochs=3,
-        batch_size=BATCH,
-        lr=5e-3,
-        seed=0,
-        validate=validate,
-        progress=False,
-    )
+    config = dataclasses.replace(TINY, epochs=3, per_day_stats=False)
+    history = train_two_tower(model, data, config, validate=validate, progress=False)
     assert [row["validation"] for row in history] == [0.2, 0.5, 0.1]
     for name, value in model.state_dict().items():
         assert torch.equal(value, seen[1][name]), f"{name} is not epoch 2's"
