@@ -5,7 +5,7 @@
 exists, loads the recommender (model, item matrix, user histories) once and follows the tables every
 REFRESH_SECONDS in a worker thread (refresh.py); requests only read memory and, for the table endpoints,
 the database. Three routers: health, recommendations, tables. Every
-route answers with and without a trailing slash (the seed writes `/user/{id}/feed/?limit=`); the
+route answers with and without a trailing slash (the original project writes `/user/{id}/feed/?limit=`); the
 schema lists one form.
 """
 

@@ -1,4 +1,4 @@
-"""The one evaluation protocol behind every reported number (DESIGN.md, "Honest evaluation").
+"""The one evaluation protocol behind every reported number (README, "Honest evaluation").
 
 - Three windows by time (features.Dataset): training, validation (the VAL_DAYS before the test window),
   test (the last TEST_DAYS). A window is scored at its cutoff: the model and every aggregate see only

@@ -15,7 +15,7 @@ Rules that are decisions rather than facts of the data:
 - Text columns (country, city, os, source, text, topic) must be non-empty: NULL, "" and blank text are
   errors, because a post without text cannot be embedded and the categoricals have no "missing" level.
   Topics are free text: any non-empty topic is accepted.
-- `target` is 0 or 1 on views; on likes it is 0 or NULL (DESIGN.md), so NULL on a view or 1 on a like
+- `target` is 0 or 1 on views; on likes it is 0 or NULL (the data contract), so NULL on a view or 1 on a like
   is an error.
 - Row numbers count as a spreadsheet shows a CSV file: header = row 1, first data row = 2, and a quoted
   multi-line text is one row. For frames handed to `write_tables` the row is the 0-based position.

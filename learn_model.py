@@ -157,7 +157,7 @@ def bce_loss(
     history_items: torch.Tensor | None = None,
     post_stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The seed's objective: pointwise binary cross-entropy on views and their like targets."""
+    """The original project's objective: pointwise binary cross-entropy on views and their like targets."""
     users, items = model.encode(batch, posts, history_items, post_stats)
     return F.binary_cross_entropy_with_logits((users * items).sum(-1) + model.bias, labels)
 

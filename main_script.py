@@ -480,42 +480,53 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings come from the environment and .env (see .env.example); flags override them.",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run_training)  # no command: `all`
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     all_cmd = commands.add_parser(
         "all", help="every stage: embed, train, evaluate, write the model file (default)"
     )
     all_cmd.add_argument("--if-missing", action="store_true", help="do nothing when MODEL_PATH exists")
+    all_cmd.set_defaults(run=run_training)
 
     demo = commands.add_parser("demo-data", help="generate the demo tables into DATABASE_URL")
     demo.add_argument("--scale", choices=SCALE_NAMES, help="default: DEMO_SCALE")
     demo.add_argument("--seed", type=int, help="default: SEED")
     demo.add_argument("--if-missing", action="store_true", help="do nothing when the feed table has rows")
+    demo.set_defaults(run=run_demo_data)
 
     csv = commands.add_parser("import-csv", help="load your own three tables from CSV (one transaction)")
     csv.add_argument("--users", type=Path, required=True, help="user_data CSV")
     csv.add_argument("--posts", type=Path, required=True, help="post_text_df CSV")
     csv.add_argument("--feed", type=Path, required=True, help="feed_data CSV")
+    csv.set_defaults(run=run_import_csv)
 
-    commands.add_parser("embed", help="embed the post texts with TEXT_ENCODER (cached in EMBED_CACHE_DIR)")
+    embed = commands.add_parser(
+        "embed", help="embed the post texts with TEXT_ENCODER (cached in EMBED_CACHE_DIR)"
+    )
+    embed.set_defaults(run=run_embed)
 
     sync = commands.add_parser(
         "embed-posts",
         help="store the embeddings of posts the post_embedding table lacks (new posts reach the service)",
     )
     sync.add_argument("--every", type=float, metavar="SECONDS", help="repeat every SECONDS until stopped")
+    sync.set_defaults(run=run_embed_posts)
 
     train = commands.add_parser("train", help="train and evaluate, then write MODEL_PATH atomically")
     train.add_argument("--objective", choices=OBJECTIVES, help="default: OBJECTIVE")
     train.add_argument("--epochs", type=int, help="default: EPOCHS")
+    train.set_defaults(run=run_training)
 
     evaluate = commands.add_parser(
-        "evaluate", help="evaluate MODEL_PATH on the database (DESIGN.md protocol)"
+        "evaluate", help="evaluate MODEL_PATH on the database (the evaluation protocol)"
     )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    evaluate.set_defaults(run=run_evaluate)
 
     export = commands.add_parser("export-embeddings", help="write user and post embeddings as CSV")
     export.add_argument("--out", type=Path, help="default: EXPORT_DIR")
+    export.set_defaults(run=run_export_embeddings)
     return parser
 
 
@@ -543,66 +554,80 @@ def evaluate_saved(settings: Settings, *, progress: bool = True) -> dict[str, di
     )
 
 
+def run_demo_data(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    settings = settings.replace(**({"seed": args.seed} if args.seed is not None else {}))
+    if args.if_missing and demo_data_present(settings):
+        print("demo data present: skipping (drop --if-missing to regenerate)")
+        return 0
+    clock = time.perf_counter()
+    counts = make_demo_data(settings, scale=args.scale, progress=progress)
+    print(f"wrote {counts} in {time.perf_counter() - clock:.1f} s; truth: {settings.ground_truth_path}")
+    return 0
+
+
+def run_import_csv(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    engine = database.make_engine(settings.db_url)
+    counts = get_features_table.import_csv(engine, users=args.users, posts=args.posts, feed=args.feed)
+    print(f"imported {counts}")
+    return 0
+
+
+def run_embed(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    engine = database.make_engine(settings.db_url)
+    posts = get_features_table.read_table(engine, "post_text_df")
+    vectors = embed_stage(settings, posts, progress=progress)
+    print(f"{len(vectors)} posts embedded: {vectors.shape[1]}-D, cache in {settings.embed_cache_dir}")
+    return 0
+
+
+def run_embed_posts(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    if args.every:
+        follow_post_embeddings(settings, every=args.every, progress=progress)
+    else:
+        print(f"embed-posts: {sync_post_embeddings(settings, progress=progress)} embeddings written")
+    return 0
+
+
+def run_training(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    """`all` and `train`: every stage, under torchrun on every rank (rank 0 writes the model file)."""
+    if getattr(args, "if_missing", False) and get_model.usable(
+        settings.model_path, sha256=settings.model_sha256
+    ):
+        print(f"model file {settings.model_path} present: skipping training")
+        return 0
+    overrides = {"objective": getattr(args, "objective", None), "epochs": getattr(args, "epochs", None)}
+    settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
+    distributed = start_ranks(training_device(settings.device))
+    try:
+        if world()[0] == 0:
+            print("settings: " + ", ".join(f"{k}={v}" for k, v in describe(settings)))
+        run_all(settings, progress=progress)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    return 0
+
+
+def run_evaluate(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    metrics = evaluate_saved(settings, progress=progress)
+    print(json.dumps(metrics) if args.json else summary_table(metrics))
+    return 0
+
+
+def run_export_embeddings(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    paths = export_embeddings(settings, args.out or settings.export_dir)
+    print(f"wrote {paths['posts']} and {paths['users']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    progress = not args.quiet
-    settings = Settings()
-    command = args.command or "all"
     try:
-        if command == "demo-data":
-            settings = settings.replace(**({"seed": args.seed} if args.seed is not None else {}))
-            if args.if_missing and demo_data_present(settings):
-                print("demo data present: skipping (drop --if-missing to regenerate)")
-                return 0
-            clock = time.perf_counter()
-            counts = make_demo_data(settings, scale=args.scale, progress=progress)
-            print(
-                f"wrote {counts} in {time.perf_counter() - clock:.1f} s; truth: {settings.ground_truth_path}"
-            )
-        elif command == "import-csv":
-            engine = database.make_engine(settings.db_url)
-            counts = get_features_table.import_csv(engine, users=args.users, posts=args.posts, feed=args.feed)
-            print(f"imported {counts}")
-        elif command == "embed":
-            engine = database.make_engine(settings.db_url)
-            posts = get_features_table.read_table(engine, "post_text_df")
-            vectors = embed_stage(settings, posts, progress=progress)
-            print(f"{len(vectors)} posts embedded: {vectors.shape[1]}-D, cache in {settings.embed_cache_dir}")
-        elif command == "embed-posts":
-            if not args.every:
-                print(f"embed-posts: {sync_post_embeddings(settings, progress=progress)} embeddings written")
-            else:
-                follow_post_embeddings(settings, every=args.every, progress=progress)
-        elif command in ("all", "train"):
-            if (
-                command == "all"
-                and getattr(args, "if_missing", False)
-                and get_model.usable(settings.model_path, sha256=settings.model_sha256)
-            ):
-                print(f"model file {settings.model_path} present: skipping training")
-                return 0
-            if command == "train":
-                overrides = {"objective": args.objective, "epochs": args.epochs}
-                settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
-            distributed = start_ranks(training_device(settings.device))
-            try:
-                if world()[0] == 0:
-                    print("settings: " + ", ".join(f"{k}={v}" for k, v in describe(settings)))
-                run_all(settings, progress=progress)
-            finally:
-                if distributed:
-                    dist.destroy_process_group()
-        elif command == "evaluate":
-            metrics = evaluate_saved(settings, progress=progress)
-            print(json.dumps(metrics) if args.json else summary_table(metrics))
-        elif command == "export-embeddings":
-            paths = export_embeddings(settings, args.out or settings.export_dir)
-            print(f"wrote {paths['posts']} and {paths['users']}")
+        return args.run(Settings(), args, not args.quiet)
     except (get_features_table.TableValidationError, ModelFileError, FileNotFoundError, NoDataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

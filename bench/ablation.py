@@ -4,7 +4,7 @@
 
 Runs the real pipeline (main_script.train_stage) once per variant on the same tables, split, seed and
 cached text embeddings: the default (joint objective, history, text codes), static features only, no
-text codes, the seed's BCE objective, and the in-batch softmax objective. Prints one table with the
+text codes, the original project's BCE objective, and the in-batch softmax objective. Prints one table with the
 popularity and oracle baselines beside, and the ratios the targets are stated in.
 """
 
@@ -22,7 +22,7 @@ VARIANTS = {
     "joint (default)": {},
     "joint, static features only": {"use_history": False},
     "joint, no text codes": {"use_text": False},
-    "bce (the seed's)": {"objective": "bce"},
+    "bce (the original project's)": {"objective": "bce"},
     "softmax": {"objective": "softmax"},
 }
 SHOWN = ("roc_auc", "log_loss", "hitrate@5", "recall@10", "ndcg@10", "coverage")

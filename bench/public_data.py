@@ -14,7 +14,7 @@ so `--no-deps` is enough (its own dependencies, ray and tensorboard among them, 
 data's terms are GroupLens's: research use, acknowledge the source, no endorsement implied.
 `--data-dir DIR` reads the same three files from anywhere else.
 
-The mapping (the project's tables are fixed, DESIGN.md; ML-100K has other columns):
+The mapping (the project's three tables are fixed; ML-100K has other columns):
 - user_data: user_id as is; gender M -> 1, F -> 0; age as is (7..73); country "United States" for a
   five-digit ZIP code, "Canada" for a postal code (letter-digit-letter...), else "Unknown"; city = the
   first three characters of the code ("US 857", "CA T8H": a US sectional centre or a Canadian forward
@@ -30,7 +30,7 @@ The mapping (the project's tables are fixed, DESIGN.md; ML-100K has other column
   'like' row 1 s later with target 0, as in the demo feed (demo_data.py). Sorted by time, user, then
   view before like.
 
-ML-100K is not the social network DESIGN.md describes: 55% of ratings are >= 4 (--like-threshold 5
+ML-100K is not the social network the demo describes: 55% of ratings are >= 4 (--like-threshold 5
 gives 21%), and most users rate in one burst of minutes to days, so the last weeks hold few users. The
 summary prints how many users have a like in the test window (the users the ranking metrics score) and
 in the validation window before it. The default TEST_DAYS=14 leaves 80 of them; TEST_DAYS=28 VAL_DAYS=28
@@ -190,7 +190,7 @@ def convert(
     like_threshold: float = 4.0,
     like_delay_s: int = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The atomic files' frames (read_ml100k) -> (user_data, post_text_df, feed_data) per DESIGN.md."""
+    """The atomic files' frames (read_ml100k) -> (user_data, post_text_df, feed_data), the service's tables."""
     if like_delay_s < 1:
         raise ValueError(f"like_delay_s must be at least 1 s (a like follows its view), got {like_delay_s}")
     user_data, posts = convert_users(users), convert_items(items)

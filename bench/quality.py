@@ -4,7 +4,7 @@
 
 For each seed: generate the demo (`main_script.py demo-data`), run `main_script.py all` as a new user
 would (its wall time is the "end to end" figure: the first embedding of the texts included, the text
-cache is per seed's folder), then read the metrics the model file keeps (the test window, scored once;
+cache is per run's folder), then read the metrics the model file keeps (the test window, scored once;
 every choice made on validation, evaluate.py). `--public` adds MovieLens 100K (bench/public_data.py,
 needs `pip install --no-deps recbole==1.2.1`) with TEST_DAYS=28 VAL_DAYS=28, where the demo's 14 days
 would leave some 80 users to rank.

@@ -1,4 +1,4 @@
-"""bench/public_data.py: MovieLens 100K in RecBole's atomic files -> the three tables of DESIGN.md.
+"""bench/public_data.py: MovieLens 100K in RecBole's atomic files -> the service's three tables.
 
 A few hand-made rows in the files' own format, written to tmp_path: no network, and the recbole
 package need not be installed.
