@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     max_likes: int = Field(16, ge=1)  # and the last max_likes likes however old: the long-term taste
     history_items_every: int = Field(50, ge=0)  # training: the histories read item encodings recomputed
     # every N steps without gradient (faster); 0 = through the item tower, with gradient, at every step
-    train_sample: int = Field(1_500_000, ge=1)  # views sampled from the training window (the original project: 1.5M)
+    train_sample: int = Field(1_500_000, ge=1)  # views sampled from the training window (as the original)
     test_days: float = Field(14.0, gt=0)  # the last test_days of the feed form the test window
     val_days: float = Field(7.0, gt=0)  # the val_days before it, the validation window: early stopping,
     # calibration and every choice between variants look at it; the test window is scored once, at the end

@@ -4,8 +4,8 @@
 
 Runs the real pipeline (main_script.train_stage) once per variant on the same tables, split, seed and
 cached text embeddings: the default (joint objective, history, text codes), static features only, no
-text codes, the original project's BCE objective, and the in-batch softmax objective. Prints one table with the
-popularity and oracle baselines beside, and the ratios the targets are stated in.
+text codes, the original project's BCE objective, and the in-batch softmax objective. Prints one table
+with the popularity and oracle baselines beside, and the ratios the targets are stated in.
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ def convert(
     like_threshold: float = 4.0,
     like_delay_s: int = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The atomic files' frames (read_ml100k) -> (user_data, post_text_df, feed_data), the service's tables."""
+    """The atomic files' frames (read_ml100k) -> the service's tables (user_data, post_text_df, feed_data)."""
     if like_delay_s < 1:
         raise ValueError(f"like_delay_s must be at least 1 s (a like follows its view), got {like_delay_s}")
     user_data, posts = convert_users(users), convert_items(items)

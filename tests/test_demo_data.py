@@ -76,7 +76,7 @@ def test_a_custom_scale_works_even_with_empty_subtopics() -> None:
     assert (demo.feed["action"] == "view").sum() == 600
 
 
-# ----------------------------------------------------------------------------- marginals (the facts of the real dataset)
+# ----------------------------------------------------------------- marginals (the facts of the real dataset)
 
 
 def test_user_marginals(small: DemoData) -> None:
