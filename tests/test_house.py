@@ -33,7 +33,7 @@ def layout_modules(readme: str) -> set[str]:
     """The module names the README's Layout table names (first column, `name.py` in backticks)."""
     section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
     rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
-    return {name for row in rows for name in re.findall(r"`([\w*]+\.py)`", row)}
+    return {name for row in rows for name in re.findall(r"`([\w.*]+\.py)`", row)}
 
 
 def test_the_readme_layout_table_names_every_module_and_no_other():
