@@ -37,7 +37,7 @@ fuzz: $(VENV)/.dev  ## Schemathesis, every check, against the service `make run`
 
 bench: $(VENV)/.dev  ## the serving benchmark on the full demo in PostgreSQL (builds it on first use)
 	@command -v wrk >/dev/null || echo "wrk not found: the bench uses its Python client; apt-get install wrk for the reference figures"
-	$(PY) bench/serve.py
+	$(PY) -m bench.serve
 
 container-check: $(VENV)/.runtime  ## build the image on a local Debian base (podman), run it on the demo, ask it
 	$(PY) main_script.py demo-data --if-missing

@@ -1,6 +1,6 @@
 """Ablations of the two-tower model under the one evaluation protocol (evaluate.py), on DATABASE_URL.
 
-    python bench/ablation.py [--epochs 6] [--json]
+    python -m bench.ablation [--epochs 6] [--json]
 
 Runs the real pipeline (main_script.train_stage) once per variant on the same tables, split, seed and
 cached text embeddings: the default (joint objective, history, text codes), static features only, no
@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.harness import log
 
 VARIANTS = {
     "joint (default)": {},
@@ -29,7 +27,7 @@ SHOWN = ("roc_auc", "log_loss", "hitrate@5", "recall@10", "ndcg@10", "coverage")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, help="default: EPOCHS")
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -54,7 +52,7 @@ def main() -> None:
         results.setdefault("random", run.metrics["random"])
         if "oracle" in run.metrics:
             results.setdefault("oracle", run.metrics["oracle"])
-        print(f"{name}: done in {results[name]['seconds']:.0f} s", file=sys.stderr, flush=True)
+        log(f"{name}: done in {results[name]['seconds']:.0f} s")
     if args.json:
         print(json.dumps(results))
         return

@@ -1,7 +1,7 @@
 """Timing of get_features_table's bulk paths on a synthetic feed.
 
-    python bench/bench_features_table.py --url postgresql://postgres@127.0.0.1:5432/bench --rows 10000000
-    python bench/bench_features_table.py --url sqlite:///data/bench.db --rows 1000000
+    python -m bench.bench_features_table --url postgresql://postgres@127.0.0.1:5432/bench --rows 10000000
+    python -m bench.bench_features_table --url sqlite:///data/bench.db --rows 1000000
 
 The database at --url is overwritten (its three tables are replaced).
 """
@@ -9,14 +9,10 @@ The database at --url is overwritten (its three tables are replaced).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import database
 import get_features_table
@@ -62,7 +58,9 @@ def synthetic_tables(rows: int, *, seed: int = 0) -> tuple[pd.DataFrame, pd.Data
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.bench_features_table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--url", required=True, help="database to overwrite")
     parser.add_argument("--rows", type=int, default=1_000_000, help="feed rows")

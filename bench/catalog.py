@@ -1,9 +1,9 @@
 """Top-k over large catalogues: the exact product against the FAISS index, as the service runs them.
 
-    python bench/catalog.py [--posts 1000000] [--sizes 10000 100000] [--queries 300] [--json]
+    python -m bench.catalog [--posts 1000000] [--sizes 10000 100000] [--queries 300] [--json]
 
 The catalogue is synthetic but keeps the model's geometry: the ranking vectors of the bench model's
-7,023 posts (bench/serve.py trains it; a random matrix of the same width when it is absent), each
+7,023 posts (`python -m bench.serve` trains it; a random matrix of the same width when it is absent), each
 resampled with Gaussian noise of half its dimension's spread, up to --posts rows (81 columns: the
 64-D item embedding, the 16-D personal exposure and the exposure term). The queries are the model's
 own ranking user vectors for random users at random times. Both searches are serving.py's
@@ -17,18 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+from bench.harness import DATA_DIR, log
 
 
 def model_vectors(model_path: Path, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +30,7 @@ def model_vectors(model_path: Path, n_queries: int, seed: int) -> tuple[np.ndarr
     of the default model's width (81)."""
     rng = np.random.default_rng(seed)
     if not model_path.is_file():
-        log(f"{model_path} missing: random vectors of width 81 (run bench/serve.py for the model's)")
+        log(f"{model_path} missing: random vectors of width 81 (run python -m bench.serve for the model's)")
         return rng.standard_normal((7023, 81)).astype(np.float32), rng.standard_normal(
             (n_queries, 81)
         ).astype(np.float32)
@@ -92,7 +86,7 @@ def measure(matrix: np.ndarray, queries: np.ndarray, *, seed: int, faiss: bool) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.catalog", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--posts", type=int, default=1_000_000, help="the large catalogue (default 1,000,000)"
     )
@@ -104,7 +98,7 @@ def main() -> None:
         help="smaller catalogues, for the crossover",
     )
     parser.add_argument("--queries", type=int, default=300)
-    parser.add_argument("--model", type=Path, default=ROOT / "data" / "bench" / "model.pt")
+    parser.add_argument("--model", type=Path, default=DATA_DIR / "model.pt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()

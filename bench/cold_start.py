@@ -1,6 +1,6 @@
 """Cold start: posts the model never saw, added through the live path, ranked among themselves.
 
-    python bench/cold_start.py [--scale small] [--seed 0] [--share 0.1] [--json]
+    python -m bench.cold_start [--scale small] [--seed 0] [--share 0.1] [--json]
 
 1. Generate the demo (DEMO_SCALE) into a scratch SQLite database under --data-dir and withhold a random
    --share of its posts, with every feed row that names them.
@@ -26,24 +26,18 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bench.harness import DATA_DIR, ROOT, log
+
 if TYPE_CHECKING:
     from get_model import ModelFile
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 SHOWN = ("hitrate@5", "recall@10", "ndcg@10", "coverage")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def model_file_at(model_file: ModelFile, cutoff: int) -> ModelFile:
@@ -77,11 +71,11 @@ def model_file_at(model_file: ModelFile, cutoff: int) -> ModelFile:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.cold_start", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", default="small", help="demo scale (default: small)")
     parser.add_argument("--seed", type=int, default=0, help="demo and split seed (default: 0)")
     parser.add_argument("--share", type=float, default=0.1, help="share of posts withheld (default: 0.1)")
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "bench" / "cold_start")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR / "cold_start")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
 

@@ -1,6 +1,6 @@
 """Latency of the table endpoints in-process (the ASGI app, no network), on whatever DATABASE_URL holds.
 
-    python bench/feed.py --database-url postgresql://postgres@127.0.0.1:5432/bench [--json]
+    python -m bench.feed --database-url postgresql://postgres@127.0.0.1:5432/bench [--json]
 
 Calls /user/{id}/feed?limit=10 (and /user/{id}, /post/{id}/feed) for random known ids through the ASGI
 app in this process (httpx's ASGI transport: the app's real lifespan, routing, validation, database
@@ -14,13 +14,10 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 async def measure(client, paths: list[str]) -> dict[str, float]:
@@ -53,7 +50,7 @@ async def run(settings, users: np.ndarray, posts: np.ndarray) -> dict[str, dict[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.feed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", "sqlite:///data/demo.db"))
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -1,9 +1,9 @@
 """Load test of a running service: many concurrent keep-alive connections, mixed endpoints, real ids.
 
     uvicorn app:app --port 8000 &                   # the service under test, in its own process
-    python bench/load.py                            # 60 s, 32 connections, http://127.0.0.1:8000
-    python bench/load.py http://127.0.0.1:8001 --duration 20 --concurrency 64 --database-url sqlite:///data/demo.db
-    python bench/load.py --json                     # ONE JSON object on stdout
+    python -m bench.load                            # 60 s, 32 connections, http://127.0.0.1:8000
+    python -m bench.load http://127.0.0.1:8001 --duration 20 --concurrency 64 --database-url sqlite:///data/demo.db
+    python -m bench.load --json                     # ONE JSON object on stdout
 
 The ids come from the database the service reads (--database-url, default DATABASE_URL / .env): users
 and posts that exist, times inside the feed's window, and ids above the largest ones, which must answer
@@ -26,14 +26,11 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 from sqlalchemy import func, select
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import database
 import table_feed
@@ -223,7 +220,7 @@ def loopback_only(url: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
     parser.add_argument("url", nargs="?", default="http://127.0.0.1:8000", help="the running service")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds measured (default 60)")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent connections (default 32)")

@@ -1,6 +1,6 @@
 """How much of the oracle's lead is knowable: the oracle again, without the users' individual terms.
 
-    python bench/oracle_ceiling.py [--json]
+    python -m bench.oracle_ceiling [--json]
 
 On demo data (DATABASE_URL plus the generator's truth file), under the one evaluation protocol: the
 oracle, then the oracle with each user's individual taste and/or individual like bias replaced by the
@@ -21,18 +21,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from bench.harness import log
+
 if TYPE_CHECKING:
     from demo_data import GroundTruth
     from features import Dataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHOWN = ("roc_auc", "log_loss", "hitrate@5", "recall@10", "ndcg@10", "coverage")
 
@@ -121,7 +119,9 @@ def infer_individual_terms(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.oracle_ceiling", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
@@ -161,7 +161,7 @@ def main() -> None:
         results[name] = pointwise_metrics(test.labels, logits) | evaluate_ranking(
             lambda rows, v=variant: v.score_matrix(user_ids[rows], post_ids, cutoff, feed), task
         )
-        print(f"{name}: done", file=sys.stderr, flush=True)
+        log(f"{name}: done")
     explained = {
         "taste": float(1 - (truth.taste - taste).var() / truth.taste.var()),
         "like_bias": float(1 - (truth.user_bias - bias).var() / truth.user_bias.var()),

@@ -1,6 +1,6 @@
 """Peak memory of the whole pipeline, `python main_script.py all`, on DATABASE_URL (meant for the full demo).
 
-    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/bench python bench/pipeline_memory.py [--json]
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/bench python -m bench.pipeline_memory [--json]
 
 Runs the pipeline as a child process (tables, embeddings, autoencoder, features, training, the
 evaluation with its baselines and the oracle when the demo's truth file is found, the model file) and
@@ -20,13 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.harness import DATA_DIR, ROOT
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.pipeline_memory", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--epochs", type=int, help="default: EPOCHS")
-    parser.add_argument("--truth", type=Path, default=ROOT / "data" / "bench" / "demo_truth.npz")
+    parser.add_argument("--truth", type=Path, default=DATA_DIR / "demo_truth.npz")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pipeline_memory_") as folder:

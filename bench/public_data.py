@@ -3,7 +3,7 @@
     .venv/bin/pip install --no-deps recbole==1.2.1
     export DATABASE_URL=sqlite:////tmp/pub/demo.db MODEL_PATH=/tmp/pub/model.pt
     export GROUND_TRUTH_PATH=/tmp/pub/no_truth.npz TEST_DAYS=28 VAL_DAYS=28
-    python bench/public_data.py [--out DIR] [--no-load]
+    python -m bench.public_data [--out DIR] [--no-load]
     python main_script.py all && python main_script.py evaluate --json
 
 Where the data come from. The wheel of RecBole (PyPI `recbole`, 2.1 MB, MIT-licensed code) ships the
@@ -49,13 +49,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import database  # noqa: E402
-import get_features_table  # noqa: E402
-from settings import Settings, describe  # noqa: E402
-from times import TIME_FORMAT  # noqa: E402
+import database
+import get_features_table
+from settings import Settings, describe
+from times import TIME_FORMAT
 
 PACKAGE, PACKAGE_VERSION = "recbole", "1.2.1"
 PIP_COMMAND = f".venv/bin/pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}"
@@ -277,6 +274,7 @@ def load(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="python -m bench.public_data",
         description="\n\n".join(__doc__.split("\n\n")[:2]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="DATABASE_URL (and TEST_DAYS, VAL_DAYS for the summary) come from the environment and .env.",

@@ -1,13 +1,13 @@
 """The quality report of issue 11: the model against its baselines and the oracle, seed by seed.
 
-    python bench/quality.py [--seeds 11 12] [--scale small] [--public] [--workdir DIR] [--json]
+    python -m bench.quality [--seeds 11 12] [--scale small] [--public] [--workdir DIR] [--json]
 
 For each seed: generate the demo (`main_script.py demo-data`), run `main_script.py all` as a new user
 would (its wall time is the "end to end" figure: the first embedding of the texts included, the text
 cache is per run's folder), then read the metrics the model file keeps (the test window, scored once;
-every choice made on validation, evaluate.py). `--public` adds MovieLens 100K (bench/public_data.py,
-needs `pip install --no-deps recbole==1.2.1`) with TEST_DAYS=28 VAL_DAYS=28, where the demo's 14 days
-would leave some 80 users to rank.
+every choice made on validation, evaluate.py). `--public` adds MovieLens 100K
+(`python -m bench.public_data`, needs `pip install --no-deps recbole==1.2.1`) with TEST_DAYS=28
+VAL_DAYS=28, where the demo's 14 days would leave some 80 users to rank.
 
 Printed per data set: every method's metrics with the 95% bootstrap intervals, then the ratios the
 issue asks for: model HitRate@5 / oracle's, / the best of recent_popularity, item_knn and ease; the
@@ -25,13 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.harness import ROOT, log
+
 PERSONAL = ("recent_popularity", "item_knn", "ease")
 SHOWN = ("roc_auc", "log_loss", "ece", "hitrate@5", "recall@10", "ndcg@10", "coverage")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def run(args: list[str], env: dict[str, str]) -> float:
@@ -92,7 +89,6 @@ def one_run(name: str, folder: Path, env: dict[str, str], generate: list[str]) -
     run(generate, env)
     log(f"{name}: python main_script.py all")
     seconds = run(["main_script.py", "--quiet", "all"], env)
-    sys.path.insert(0, str(ROOT))
     from get_model import load_model_file
 
     metrics = load_model_file(folder / "model.pt").metrics
@@ -103,7 +99,7 @@ def one_run(name: str, folder: Path, env: dict[str, str], generate: list[str]) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12])
     parser.add_argument("--scale", default="small", choices=["tiny", "small", "full"])
     parser.add_argument("--public", action="store_true", help="MovieLens 100K too (needs recbole)")
@@ -123,7 +119,7 @@ def main() -> None:
         if args.public:
             folder = workdir / "movielens_100k"
             env = folder_env(folder, TEST_DAYS="28", VAL_DAYS="28")  # no truth file there: no oracle
-            results["movielens_100k"] = one_run("MovieLens 100K", folder, env, ["bench/public_data.py"])
+            results["movielens_100k"] = one_run("MovieLens 100K", folder, env, ["-m", "bench.public_data"])
     if args.json:
         print(json.dumps(results, default=float))
 

@@ -1,8 +1,8 @@
 """The live refresh at full scale: cost per cycle, the plan of its queries, and requests meanwhile.
 
-    python bench/refresh.py [--json] [--cycles 20] [--rows 10000] [--seconds 30]
+    python -m bench.refresh [--json] [--cycles 20] [--rows 10000] [--seconds 30]
 
-Uses the bench's full demo and model (bench/serve.py builds them when missing) in a scratch copy of its
+Uses the bench's full demo and model (bench.harness builds them when missing) in a scratch copy of its
 PostgreSQL database (CREATE DATABASE ... TEMPLATE, then VACUUM ANALYZE as autovacuum would; dropped at
 the end), in one process as the service runs it: a Recommender loaded memory-mapped from the model
 file and a refresh.TableFollower.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,11 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from serve import DEFAULT_DATABASE_URL, build_or_reuse, log, percentiles_ms  # noqa: E402
+from bench.harness import DATA_DIR, DEFAULT_DATABASE_URL, build_or_reuse, log, percentiles_ms
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -134,11 +129,11 @@ def explain(engine: Engine, follower: TableFollower) -> dict[str, list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.refresh", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--database-url", default=DEFAULT_DATABASE_URL, help="the bench database (PostgreSQL)"
     )
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "bench")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--cycles", type=int, default=20)
     parser.add_argument("--rows", type=int, default=10_000, help="new feed rows per cycle in (2) and (4)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the requests run (4)")

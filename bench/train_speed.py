@@ -1,9 +1,9 @@
 """Training speed on DATABASE_URL (meant for the full demo): where an epoch's time goes, how it compares.
 
-    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/bench python bench/train_speed.py [--json]
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/bench python -m bench.train_speed [--json]
         stage times (tables, embeddings, autoencoder, features), one epoch of TRAIN_SAMPLE views per
         objective, and a per-step breakdown (batch, forward, backward and optimiser step; medians)
-    ... python bench/train_speed.py --compare b8df94c [--rounds 2] [--torchrun 2] [--json]
+    ... python -m bench.train_speed --compare b8df94c [--rounds 2] [--torchrun 2] [--json]
         one epoch (joint) of this code and of the commit's, alternately, each in a fresh process (the
         commit's own bench/train_speed.py, from `git archive` into a temporary folder), --rounds times;
         then one epoch of this code under `torchrun --nproc_per_node=N`. Reports samples/s of each and
@@ -27,12 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+from bench.harness import ROOT, log
 
 
 def measure(objectives: list[str], profile_steps: int) -> dict:
@@ -120,7 +115,7 @@ def measure(objectives: list[str], profile_steps: int) -> dict:
 
 
 def epoch_in_process(command: list[str], cwd: Path) -> float:
-    """samples/s of one joint epoch, from a fresh `... train_speed.py --objectives joint --json`."""
+    """samples/s of one joint epoch, from a fresh `... bench.train_speed --objectives joint --json`."""
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False, env=os.environ)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -130,14 +125,17 @@ def epoch_in_process(command: list[str], cwd: Path) -> float:
 
 def compare(commit: str, rounds: int, torchrun: int) -> dict:
     """Alternate one-epoch runs of this code and of `commit`; then this code under torchrun."""
-    ours = [sys.executable, str(ROOT / "bench" / "train_speed.py"), "--objectives", "joint"]
+    ours = [sys.executable, "-m", "bench.train_speed", "--objectives", "joint"]
     ours += ["--profile-steps", "0", "--json"]
     figures: dict[str, list[float]] = {"this code": [], commit: []}
     with tempfile.TemporaryDirectory(prefix="train_speed_") as folder:
         archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(folder, filter="data")
-        theirs = [sys.executable, str(Path(folder) / "bench" / "train_speed.py"), "--objectives", "joint"]
+        # the commit's bench as it runs: a package (`-m`) since it is one, a script before
+        package = (Path(folder) / "bench" / "__init__.py").is_file()
+        script = ["-m", "bench.train_speed"] if package else [str(Path(folder) / "bench" / "train_speed.py")]
+        theirs = [sys.executable, *script, "--objectives", "joint"]
         theirs += ["--profile-steps", "1", "--json"]
         for round_number in range(1, rounds + 1):
             for name, command, cwd in (("this code", ours, ROOT), (commit, theirs, Path(folder))):
@@ -159,7 +157,7 @@ def compare(commit: str, rounds: int, torchrun: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--objectives", nargs="+", default=["bce", "joint"], choices=["bce", "softmax", "joint"]
     )
