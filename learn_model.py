@@ -412,6 +412,37 @@ class TrainConfig:
         return cls(**(values | changes))
 
 
+def _optimisation(
+    model: TwoTower, config: TrainConfig, main: Interactions, steps_per_epoch: int
+) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """(the loss as a module, DDP-wrapped under torchrun; AdamW; the one-cycle schedule)."""
+    log_q = post_log_frequency(main.post_rows, model.config.n_posts)
+    step = TrainingStep(model, config.objective, log_q, config.softmax_weight).to(config.device)
+    # joint uses every parameter; softmax leaves the BCE bias out, bce the exposure head (when there is one):
+    # DDP must then look for the unused ones rather than wait for their gradients
+    unused = config.objective != "joint"
+    loss_of = DistributedDataParallel(step, find_unused_parameters=unused) if world()[1] > 1 else step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.1
+    )
+    return loss_of, optimizer, scheduler
+
+
+def _monitored(
+    model: TwoTower, data: Dataset, monitors: tuple[tuple[str, Interactions | None], ...]
+) -> dict[str, float]:
+    """The pointwise metrics of the monitored views, as "{train|val}_{metric}"."""
+    row = {}
+    for name, samples in monitors:
+        if samples is not None and len(samples):
+            logits = predict(model, data.users, data.histories, samples)
+            row |= {
+                f"{name}_{key}": value for key, value in pointwise_metrics(samples.labels, logits).items()
+            }
+    return row
+
+
 def train_two_tower(
     model: TwoTower,
     data: Dataset,
@@ -457,22 +488,10 @@ def train_two_tower(
     )
     device = torch.device(config.device)
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     model.to(device)
-    step = TrainingStep(
-        model, objective, post_log_frequency(main.post_rows, model.config.n_posts), config.softmax_weight
-    )
-    step.to(device)
-    # joint uses every parameter; softmax leaves the BCE bias out, bce the exposure head (when there is one):
-    # DDP must then look for the unused ones rather than wait for their gradients
-    unused = objective != "joint"
-    loss_of = DistributedDataParallel(step, find_unused_parameters=unused) if size > 1 else step
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = len(main) // batch_size  # the same on every rank: the schedule counts global steps
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=epochs * steps_per_epoch, pct_start=0.1
-    )
-    batches = _batches(len(main), batch_size, rng)
+    loss_of, optimizer, scheduler = _optimisation(model, config, main, steps_per_epoch)
+    batches = _batches(len(main), batch_size, np.random.default_rng(seed))
     history: list[dict[str, float]] = []
     history_items = None
     best_score, best_state = -float("inf"), None
@@ -509,12 +528,8 @@ def train_two_tower(
             "seconds": seconds,
             "samples_per_s": steps_per_epoch * batch_size / seconds,
         }
-        for name, samples in monitors:
-            if rank == 0 and samples is not None and len(samples):
-                logits = predict(model, users, histories, samples)
-                row |= {
-                    f"{name}_{key}": value for key, value in pointwise_metrics(samples.labels, logits).items()
-                }
+        if rank == 0:
+            row |= _monitored(model, data, monitors)
         if rank == 0 and validate is not None:
             row["validation"] = validate(model.cpu())  # the evaluation's batches are built on the CPU
             model.to(device)

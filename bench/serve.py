@@ -334,26 +334,55 @@ def run_benchmark(
     }
     http, memory, startup = {}, {}, {}
     for workers, plan in plans.items():
-        port = free_port()
-        server, startup[workers] = start_server(
+        http[workers], memory[workers], startup[workers] = measure_server(
+            workers=workers,
+            plan=plan,
             env=env,
-            port=port,
             log_path=data_dir / f"server_w{workers}.log",
+            client=client,
+            memory_after=f"rec_{high}",
             app=app,
             app_dir=app_dir,
             access_log=access_log,
-            workers=workers,
         )
-        try:
-            log(f"{workers} worker(s): startup {startup[workers]:.2f} s, memory {memory_mb(server.pid)}")
-            http[workers] = measure_http(
-                port=port, server_pid=server.pid, client=client, plan=plan, memory_after=f"rec_{high}"
-            )
-            memory[workers] = http[workers].pop("memory")
-            log(f"{workers} worker(s): memory after the recommendations at c{concurrency}: {memory[workers]}")
-        finally:
-            stop_server(server)
+    context = {
+        "concurrency": concurrency,
+        "client": client,
+        "access_log": access_log,
+        "app": app,
+        "app_dir": str(app_dir) if app_dir else None,
+        "limit": limit,
+        "n_users": n_users,
+        "n_posts": n_posts,
+        **build,
+        "cpus": os.cpu_count(),
+        "loadavg_start": loadavg_start,
+        "loadavg_end": load_average(),
+    }
+    return summarise(inproc, http, memory, startup, high=high) | context
 
+
+def measure_server(
+    *, workers: int, plan: list, env: dict[str, str], log_path: Path, client: str, memory_after: str, **server
+) -> tuple[dict, dict, float]:
+    """Start `gunicorn app:app` with `workers`, run the plan against it, stop it: (http results, memory
+    after the step `memory_after`, startup seconds)."""
+    port = free_port()
+    process, startup = start_server(env=env, port=port, log_path=log_path, workers=workers, **server)
+    try:
+        log(f"{workers} worker(s): startup {startup:.2f} s, memory {memory_mb(process.pid)}")
+        http = measure_http(
+            port=port, server_pid=process.pid, client=client, plan=plan, memory_after=memory_after
+        )
+        memory = http.pop("memory")
+        log(f"{workers} worker(s): memory after {memory_after}: {memory}")
+    finally:
+        stop_server(process)
+    return http, memory, startup
+
+
+def summarise(inproc: dict, http: dict, memory: dict, startup: dict, *, high: str) -> dict:
+    """The flat summary the targets and the table read, from the in-process and HTTP measurements."""
     one = http[1]
     return {
         "inproc_p50_ms": inproc["recommend"]["p50"],
@@ -390,18 +419,6 @@ def run_benchmark(
         "http_live_server_cpu_ms_c16": round(one[f"live_{high}"]["server_cpu_ms"], 4),
         "http_server_cpu_ms_c16_w2": round(http[2][f"rec_{high}"]["server_cpu_ms"], 4),
         "peak_rss_mb": memory[1]["peak_rss_mb"],
-        "concurrency": concurrency,
-        "client": client,
-        "access_log": access_log,
-        "app": app,
-        "app_dir": str(app_dir) if app_dir else None,
-        "limit": limit,
-        "n_users": n_users,
-        "n_posts": n_posts,
-        **build,
-        "cpus": os.cpu_count(),
-        "loadavg_start": loadavg_start,
-        "loadavg_end": load_average(),
     }
 
 
