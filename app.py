@@ -140,9 +140,14 @@ def load_recommender(settings: Settings) -> Recommender | None:
         load_model_file(path, sha256=sha256, mmap=True),
         threads=settings.torch_threads,
         faiss_min_posts=settings.faiss_min_posts,
+        ranking=settings.ranking,
     )
     log.info(
-        "model %s loaded: %d users, %d posts", path, len(recommender.user_ids), len(recommender.post_ids)
+        "model %s loaded: %d users, %d posts, ranking by %s",
+        path,
+        len(recommender.user_ids),
+        len(recommender.post_ids),
+        settings.ranking,
     )
     return recommender
 

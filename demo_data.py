@@ -50,8 +50,10 @@ Feed. A liked view has target=1 and is followed by a 'like' row for the same use
 few minutes later but before that user's next view (target 0 on like rows). Rows are sorted by time.
 
 Oracle. `GroundTruth.like_logits` replays h_u(t) from a feed (likes strictly before t) and returns l;
-`GroundTruth.score_matrix` returns e + log sigmoid(l): the log of the expected likes from showing p,
-up to a per-user constant, i.e. the known model's own ranking. The replay of a feed is kept for the
+`GroundTruth.like_logit_matrix` the same for every (user, post) at one time (what showing p to u would
+bring: the online value of a recommendation); `GroundTruth.score_matrix` returns e + log sigmoid(l):
+the log of the expected likes from the old feed's view slot, up to a per-user constant, i.e. the known
+model's own ranking. The replay of a feed is kept for the
 next call with the same DataFrame object (while it lives and keeps its length): do not edit a feed in
 place between calls.
 """
@@ -562,29 +564,42 @@ class GroundTruth:
         base = _base_logit(self, users, posts, seconds) + self.b0
         return base + self.gamma * (history * self.post_latent[posts]).sum(axis=1)
 
+    def like_logit_matrix(
+        self, user_ids: np.ndarray, post_ids: np.ndarray, time: object, feed: pd.DataFrame
+    ) -> np.ndarray:
+        """float64 [len(user_ids), len(post_ids)]: the true logit of P(like | shown) of every (user, post)
+        at `time` (a datetime or epoch seconds), history from `feed` strictly before it: what showing a
+        post would bring, the online value of a recommendation."""
+        users, posts, seconds = self._matrix_rows(user_ids, post_ids, time)
+        history = _replay(self, feed).state_at(users, np.full(len(users), seconds))
+        latent = self.post_latent[posts]
+        hour = (seconds // 3600) % 24
+        post_part = self.post_bias[posts] + self.hour_effect[self.post_topic[posts], hour]
+        like = self.b0 + self.user_bias[users][:, None] + post_part + self.taste[users] @ latent.T
+        return like + self.gamma * (history @ latent.T)
+
     def score_matrix(
         self, user_ids: np.ndarray, post_ids: np.ndarray, time: object, feed: pd.DataFrame
     ) -> np.ndarray:
         """float64 [len(user_ids), len(post_ids)]: the oracle's ranking score at `time`.
 
         exposure logit + log sigmoid(like logit) = log of the expected likes from one view slot, up to a
-        per-user constant. History from `feed` strictly before `time` (a datetime or epoch seconds).
+        per-user constant: the old feed's own ranking. History from `feed` strictly before `time`.
         """
+        users, posts, seconds = self._matrix_rows(user_ids, post_ids, time)
+        like = self.like_logit_matrix(user_ids, post_ids, time, feed)
+        week = int(np.clip((seconds - self.start_s) // WEEK_SECONDS, 0, N_WEEKS - 1))
+        affinity = self.taste[users] @ self.post_latent[posts].T
+        exposure = self.popularity[posts] + self.trend[posts] * _tau()[week] + self.alpha * affinity
+        return exposure - np.logaddexp(0.0, -like)
+
+    def _matrix_rows(self, user_ids: np.ndarray, post_ids: np.ndarray, time: object) -> tuple:
         users = _rows_of(self.user_ids, np.atleast_1d(np.asarray(user_ids)), "user")
         posts = _rows_of(self.post_ids, np.atleast_1d(np.asarray(post_ids)), "post")
         seconds = _to_seconds(time)
         if seconds.size != 1:
-            raise ValueError(f"score_matrix takes one time, got {seconds.size}")
-        history = _replay(self, feed).state_at(users, np.full(len(users), seconds[0]))
-        latent = self.post_latent[posts]
-        affinity = self.taste[users] @ latent.T
-        hour = (seconds[0] // 3600) % 24
-        post_part = self.post_bias[posts] + self.hour_effect[self.post_topic[posts], hour]
-        like = self.b0 + self.user_bias[users][:, None] + post_part + affinity
-        like += self.gamma * (history @ latent.T)
-        week = int(np.clip((seconds[0] - self.start_s) // WEEK_SECONDS, 0, N_WEEKS - 1))
-        exposure = self.popularity[posts] + self.trend[posts] * _tau()[week] + self.alpha * affinity
-        return exposure - np.logaddexp(0.0, -like)
+            raise ValueError(f"a score matrix takes one time, got {seconds.size}")
+        return users, posts, int(seconds.ravel()[0])
 
 
 @dataclass(frozen=True, eq=False)

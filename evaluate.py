@@ -29,9 +29,10 @@ from scipy import sparse
 from tqdm.auto import tqdm
 
 from features import POST_STAT_NAMES, Dataset, Interactions
-from histories import ACTION_LIKE, Histories
+from histories import ACTION_LIKE, ACTION_VIEW, Histories
 from learn_model import fit_calibration, pointwise_metrics, predict
-from model import TwoTower, make_user_batch
+from model import TwoTower, make_user_batch, ranked_columns
+from settings import RANKINGS
 from times import DAY_SECONDS
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ BASELINES = ("random", "popularity", "recent_popularity", "item_knn", "ease")
 RECENT_POPULARITY_DAYS = 7
 EASE_LAMBDAS = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)  # the grid the validation window chooses from
 BOOTSTRAP_RESAMPLES = 1000
+ONLINE_K = 5  # the online value: expected likes of the top ONLINE_K posts if they were shown
+ONLINE_USERS = 5000  # users scored online: every user with a view in the window, or a seeded sample
 
 ScoreBlock = Callable[[np.ndarray], np.ndarray]  # user rows -> [n_users, n_posts] scores
 
@@ -169,6 +172,84 @@ def evaluate_ranking(
     return result
 
 
+# ----------------------------------------------------------------------------- online value (demo data)
+
+
+@dataclass
+class OnlineTask:
+    """Users shown a recommendation at a window's cutoff, and what each post would bring them."""
+
+    user_rows: np.ndarray  # sorted: users with a view in [cutoff, end) (a seeded sample of ONLINE_USERS)
+    excluded: np.ndarray  # bool [n_users, n_posts]: liked before the cutoff, never recommended
+    probability: np.ndarray  # float32 [n_users, n_posts]: the true P(like | shown) at the cutoff
+
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.user_rows, rows)
+
+
+def online_task(
+    data: Dataset,
+    truth: GroundTruth,
+    feed: pd.DataFrame,
+    window: str,
+    *,
+    max_users: int = ONLINE_USERS,
+    seed: int = 0,
+    chunk: int = 1024,
+) -> OnlineTask:
+    """The online task of a window (validation or test) from the generator's truth."""
+    cutoff, end, _ = data.window(window)
+    h, n_posts = data.histories, len(data.post_ids)
+    active = (h.ev_time >= cutoff) & (h.ev_time < end) & (h.ev_action == ACTION_VIEW)
+    users = np.unique(h.owner()[active])
+    if len(users) > max_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    liked = ranking_task(h, cutoff, n_posts, end=end)
+    excluded = _rows_mask(liked.excluded_ptr, liked.excluded_post, users, n_posts)
+    probability = np.empty((len(users), n_posts), np.float32)
+    user_ids, post_ids = data.users.user_ids, data.post_ids
+    for start in range(0, len(users), chunk):
+        logits = truth.like_logit_matrix(user_ids[users[start : start + chunk]], post_ids, cutoff, feed)
+        probability[start : start + chunk] = 1.0 / (1.0 + np.exp(-logits))
+    return OnlineTask(users, excluded, probability)
+
+
+def online_values(score_block: ScoreBlock, task: OnlineTask, *, chunk: int = 2048) -> np.ndarray:
+    """[n_users]: the expected likes of each user's top ONLINE_K posts by `score_block`, were they shown
+    (posts liked before the cutoff excluded; ties to the lower post row)."""
+    out = np.empty(len(task.user_rows))
+    k = min(ONLINE_K, task.probability.shape[1])
+    for start in range(0, len(task.user_rows), chunk):
+        part = slice(start, start + chunk)
+        scores = torch.tensor(np.array(score_block(task.user_rows[part]), dtype=np.float32))
+        excluded = torch.from_numpy(task.excluded[part])
+        top = top_k(scores.masked_fill(excluded, float("-inf")), k).numpy()
+        gained = np.where(task.excluded[part], 0.0, task.probability[part])
+        out[part] = np.take_along_axis(gained, top, axis=1).sum(axis=1)
+    return out
+
+
+def truth_block(task: OnlineTask) -> ScoreBlock:
+    """The ceiling's ranking: the true like probabilities themselves."""
+    return lambda rows: task.probability[task.positions(rows)]
+
+
+def online_report(blocks: dict[str, ScoreBlock], task: OnlineTask, *, seed: int = 0) -> dict[str, dict]:
+    """{ranking: {"likes@5", "likes@5_ci", "share"}} for every ranking and the "ceiling" (the top
+    ONLINE_K by the true like probability); share = its expected likes over the ceiling's."""
+    values = {name: online_values(block, task) for name, block in blocks.items()}
+    values["ceiling"] = online_values(truth_block(task), task)
+    ceiling = values["ceiling"].mean()
+    return {
+        name: {
+            f"likes@{ONLINE_K}": float(per_user.mean()),
+            f"likes@{ONLINE_K}_ci": bootstrap_interval(per_user, seed=seed),
+            "share": float(per_user.mean() / ceiling) if ceiling > 0 else float("nan"),
+        }
+        for name, per_user in values.items()
+    } | {"users": {"count": float(len(task.user_rows))}}
+
+
 # ----------------------------------------------------------------------------- baselines
 
 
@@ -204,20 +285,34 @@ def item_knn_weights(likes: sparse.csr_matrix) -> np.ndarray:
     return weights
 
 
-def ease_weights(likes: sparse.csr_matrix, regulariser: float) -> np.ndarray:
+class Ease:
     """EASE (Steck 2019): B = argmin ||X - XB||^2 + regulariser ||B||^2 with diag(B) = 0, in closed form
-    B = I - P / diag(P) (columns), P = (X^T X + regulariser I)^-1: one n_posts x n_posts inversion."""
-    gram = (likes.T @ likes).toarray().astype(np.float64)
-    gram[np.diag_indices_from(gram)] += regulariser
-    inverse = np.linalg.inv(gram)
-    weights = -inverse / np.diag(inverse)[None, :]
-    np.fill_diagonal(weights, 0.0)
-    return weights.astype(np.float32)
+    B = I - P / diag(P) (columns), P = (X^T X + regulariser I)^-1. One eigendecomposition of X^T X serves
+    every regulariser: P = V diag(1 / (eigenvalues + regulariser)) V^T."""
+
+    def __init__(self, likes: sparse.csr_matrix):
+        gram = (likes.T @ likes).toarray().astype(np.float64)
+        self.eigenvalues, self.eigenvectors = np.linalg.eigh(gram)
+
+    def weights(self, regulariser: float) -> np.ndarray:
+        """[n_posts, n_posts] float32 B for this regulariser."""
+        inverse = (self.eigenvectors / (self.eigenvalues + regulariser)) @ self.eigenvectors.T
+        weights = -inverse / np.diag(inverse)[None, :]
+        np.fill_diagonal(weights, 0.0)
+        return weights.astype(np.float32)
 
 
-def matrix_block(likes: sparse.csr_matrix, weights: np.ndarray) -> ScoreBlock:
-    """Scores of item-to-item models: the users' like rows times the post-by-post weights."""
-    return lambda rows: likes[rows] @ weights
+def ease_weights(likes: sparse.csr_matrix, regulariser: float) -> np.ndarray:
+    """EASE's B for one regulariser (see Ease)."""
+    return Ease(likes).weights(regulariser)
+
+
+def matrix_block(likes: sparse.csr_matrix, weights: np.ndarray, fallback: np.ndarray) -> ScoreBlock:
+    """Scores of item-to-item models: the users' like rows times the post-by-post weights, plus a
+    tie-break by `fallback` (popularity, scaled to 1e-6): a user without a like before the cutoff, whose
+    row is all zeros, is ranked by popularity, not by post id."""
+    tie_break = 1e-6 * fallback / max(float(fallback.max()), 1e-12)
+    return lambda rows: np.asarray(likes[rows] @ weights) + tie_break
 
 
 def view_scores(block: ScoreBlock, views: Interactions, *, chunk: int = 4096) -> np.ndarray:
@@ -240,18 +335,22 @@ def constant_block(scores: np.ndarray) -> ScoreBlock:
     return lambda rows: np.broadcast_to(scores, (len(rows), len(scores)))
 
 
-def baseline_blocks(data: Dataset, cutoff: int, *, ease_regulariser: float) -> dict[str, ScoreBlock]:
-    """The personal and popularity baselines' score blocks, fitted on the events before `cutoff`.
-    Popularity breaks ties by the post's like rate, recent popularity by all-time likes."""
+def baseline_blocks(
+    data: Dataset, cutoff: int, *, ease_regulariser: float, ease: Ease | None = None
+) -> dict[str, ScoreBlock]:
+    """The personal and popularity baselines' score blocks, fitted on the events before `cutoff` (`ease`:
+    its fit on those events, when already made). Popularity breaks ties by the post's like rate, recent
+    popularity by all-time likes, the personal baselines by popularity (users without likes)."""
     n_posts = len(data.post_ids)
     likes = like_matrix(data.histories, cutoff, n_posts)
+    ease = ease or Ease(likes)
     popular = popularity_scores(data.histories, cutoff, n_posts)
     recent = popularity_scores(data.histories, cutoff, n_posts, days=RECENT_POPULARITY_DAYS)
     return {
         "popularity": constant_block(popular + 1e-6 * _like_rate(data, cutoff)),
         "recent_popularity": constant_block(np.log1p(recent) + 1e-6 * np.log1p(popular)),
-        "item_knn": matrix_block(likes, item_knn_weights(likes)),
-        "ease": matrix_block(likes, ease_weights(likes, ease_regulariser)),
+        "item_knn": matrix_block(likes, item_knn_weights(likes), popular),
+        "ease": matrix_block(likes, ease.weights(ease_regulariser), popular),
     }
 
 
@@ -262,13 +361,19 @@ def _like_rate(data: Dataset, cutoff: int) -> np.ndarray:
     return np.clip(raw[:, POST_STAT_NAMES.index("like_rate")], 1e-4, 1 - 1e-4)
 
 
-def choose_ease_regulariser(data: Dataset, *, grid: tuple[float, ...] = EASE_LAMBDAS) -> float:
-    """The EASE regulariser with the best validation NDCG@10 (fitted on the events before val_cutoff)."""
+def choose_ease_regulariser(
+    data: Dataset, *, grid: tuple[float, ...] = EASE_LAMBDAS, ease: Ease | None = None
+) -> float:
+    """The EASE regulariser with the best validation NDCG@10 (fitted on the events before val_cutoff;
+    `ease`: that fit, when already made)."""
     cutoff, end, _ = data.window("validation")
-    task = ranking_task(data.histories, cutoff, len(data.post_ids), end=end)
-    likes = like_matrix(data.histories, cutoff, len(data.post_ids))
+    n_posts = len(data.post_ids)
+    task = ranking_task(data.histories, cutoff, n_posts, end=end)
+    likes = like_matrix(data.histories, cutoff, n_posts)
+    ease = ease or Ease(likes)
+    popular = popularity_scores(data.histories, cutoff, n_posts)
     scores = {
-        regulariser: ranking_per_user(matrix_block(likes, ease_weights(likes, regulariser)), task)[0][
+        regulariser: ranking_per_user(matrix_block(likes, ease.weights(regulariser), popular), task)[0][
             "ndcg@10"
         ].mean()
         for regulariser in grid
@@ -292,16 +397,19 @@ def post_stats_of(model: TwoTower, stats: np.ndarray):
             model.post_stats.copy_(saved)
 
 
-def model_block(model: TwoTower, data: Dataset, cutoff: int) -> ScoreBlock:
-    """The model's ranking scores at `cutoff` (item matrix from the model's current post statistics)."""
+def model_block(model: TwoTower, data: Dataset, cutoff: int, *, ranking: str = "logged") -> ScoreBlock:
+    """The model's ranking scores at `cutoff` (item matrix from the model's current post statistics):
+    the service's, by `ranking` (model.ranked_columns)."""
+    columns = ranked_columns(model.config, ranking)
     with torch.inference_mode():
-        item_matrix = model.ranking_item_matrix()
+        item_matrix = model.ranking_item_matrix()[:, columns]
 
     def block(rows: np.ndarray) -> np.ndarray:
         times = np.full(len(rows), cutoff, dtype=np.int64)
         with torch.inference_mode():
             batch = make_user_batch(data.users, data.histories, rows, times, model.config)
-            return (model.ranking_user_vector(model.user_embeddings(batch)) @ item_matrix.T).numpy()
+            users = model.ranking_user_vector(model.user_embeddings(batch))[:, columns]
+            return (users @ item_matrix.T).numpy()
 
     return block
 
@@ -337,29 +445,55 @@ def evaluate_model(
     *,
     truth: GroundTruth | None = None,
     feed: pd.DataFrame | None = None,
+    ranking: str = "likes",
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, dict]:
     """{"model", "random", "popularity", "recent_popularity", "item_knn", "ease"[, "oracle"]} -> metrics
-    on the test window, all under the one protocol above; "protocol" records the windows and the
-    choices made on validation.
+    on the test window, all under the one protocol above; "model" ranks as the service does (`ranking`),
+    "model_<other>" by the other ranking when the two differ (a model with an exposure head). "protocol"
+    records the windows and the choices made on validation; with the demo's truth, "online" holds the
+    online value of every ranking at the validation and the test cutoff (online_report).
 
     The random baseline ranks at random and predicts the training window's like rate for every view;
     popularity predicts each post's like rate before the cutoff; the other baselines' probabilities are
     their scores through a sigmoid fitted on the validation views. The oracle (demo data only) scores
-    with the generator's true like model.
+    with the generator's true like model and ranks as the old feed did (exposure and likes).
     """
     model.eval()
     n_posts = len(data.post_ids)
     val_cutoff, _, val_views = data.window("validation")
     cutoff, end, test = data.window("test")
     task = ranking_task(data.histories, cutoff, n_posts, end=end)
-    steps = tqdm(total=len(BASELINES) + 2, desc="evaluate", disable=not progress, leave=False)
+    rankings = {"model": ranking}
+    if model.config.exposure_head:
+        other = next(name for name in RANKINGS if name != ranking)
+        rankings[f"model_{other}"] = other
+    assert truth is None or feed is not None, "the oracle replays histories from the feed: pass feed="
+    steps = tqdm(total=len(BASELINES) + 4, desc="evaluate", disable=not progress, leave=False)
     results: dict[str, dict] = {}
+    online: dict[str, dict] = {}
+
+    # validation: the EASE regulariser, each baseline's sigmoid, the online values at its cutoff; the
+    # fits are dropped before the test window's are built (at full scale each post-by-post matrix is 200 MB)
+    ease = Ease(like_matrix(data.histories, val_cutoff, n_posts))
+    regulariser = choose_ease_regulariser(data, ease=ease)
+    val_blocks = baseline_blocks(data, val_cutoff, ease_regulariser=regulariser, ease=ease)
+    calibration = {
+        name: fit_calibration(view_scores(block, val_views), val_views.labels)
+        for name, block in val_blocks.items()
+        if name != "popularity"
+    }
+    if truth is not None:
+        online["validation"] = _online(model, data, truth, feed, "validation", rankings, val_blocks, seed)
+    del val_blocks, ease
+    steps.update(2)
 
     with post_stats_of(model, data.post_stats_at(cutoff)):
-        results["model"] = pointwise_metrics(test.labels, predict(model, data.users, data.histories, test))
-        results["model"] |= evaluate_ranking(model_block(model, data, cutoff), task, seed=seed)
+        pointwise = pointwise_metrics(test.labels, predict(model, data.users, data.histories, test))
+        for name, order in rankings.items():
+            block = model_block(model, data, cutoff, ranking=order)
+            results[name] = pointwise | evaluate_ranking(block, task, seed=seed)
     steps.update()
 
     prior = float(np.clip(data.train_views.labels.mean(), 1e-4, 1 - 1e-4))
@@ -369,18 +503,9 @@ def evaluate_model(
     results["random"] |= evaluate_ranking(random_block(n_posts, seed), task, seed=seed)
     steps.update()
 
-    regulariser = choose_ease_regulariser(data)
-    # Each baseline's sigmoid from its validation-window fit; those fits are dropped before the test
-    # window's are built (at full scale each post-by-post matrix is 200 MB).
-    val_blocks = baseline_blocks(data, val_cutoff, ease_regulariser=regulariser)
-    calibration = {
-        name: fit_calibration(view_scores(block, val_views), val_views.labels)
-        for name, block in val_blocks.items()
-        if name != "popularity"
-    }
-    del val_blocks
     rate = _like_rate(data, cutoff)
-    for name, block in baseline_blocks(data, cutoff, ease_regulariser=regulariser).items():
+    test_blocks = baseline_blocks(data, cutoff, ease_regulariser=regulariser)
+    for name, block in test_blocks.items():
         if name == "popularity":
             logits = np.log(rate / (1 - rate))[test.post_rows]
         else:
@@ -390,24 +515,52 @@ def evaluate_model(
         steps.update()
 
     if truth is not None:
-        assert feed is not None, "the oracle replays histories from the feed: pass feed= with truth="
         user_ids, post_ids = data.users.user_ids, data.post_ids
         oracle_logits = truth.like_logits(
             user_ids[test.user_rows], post_ids[test.post_rows], test.times, feed
         )
-        at = pd.Timestamp(cutoff, unit="s").to_pydatetime()
         results["oracle"] = pointwise_metrics(test.labels, oracle_logits)
-        results["oracle"] |= evaluate_ranking(
-            lambda rows: truth.score_matrix(user_ids[rows], post_ids, at, feed), task, seed=seed
-        )
+        results["oracle"] |= evaluate_ranking(_feed_block(truth, data, feed, cutoff), task, seed=seed)
+        online["test"] = _online(model, data, truth, feed, "test", rankings, test_blocks, seed)
+    del test_blocks
     steps.update()
     steps.close()
     results["model"]["ranked_users"] = float(len(task.user_rows))
     results["protocol"] = {
         "validation_cutoff": float(val_cutoff),
         "test_cutoff": float(cutoff),
+        "ranking": ranking,
         "ease_regulariser": regulariser,
         "calibration_scale": float(model.calibration[0]),
         "calibration_bias": float(model.calibration[1]),
     }
+    if online:
+        results["online"] = online
     return results
+
+
+def _feed_block(truth: GroundTruth, data: Dataset, feed: pd.DataFrame, cutoff: int) -> ScoreBlock:
+    """The old feed's own ranking at the cutoff (exposure and likes, the generator's score)."""
+    user_ids, post_ids = data.users.user_ids, data.post_ids
+    return lambda rows: truth.score_matrix(user_ids[rows], post_ids, cutoff, feed)
+
+
+def _online(
+    model: TwoTower,
+    data: Dataset,
+    truth: GroundTruth,
+    feed: pd.DataFrame,
+    window: str,
+    rankings: dict[str, str],
+    baselines: dict[str, ScoreBlock],
+    seed: int,
+) -> dict[str, dict]:
+    """online_report of the model's rankings, random, the baselines (fitted at the window's cutoff) and
+    the old feed's ranking, at the window's cutoff."""
+    cutoff, _, _ = data.window(window)
+    task = online_task(data, truth, feed, window, seed=seed)
+    with post_stats_of(model, data.post_stats_at(cutoff)):  # the history's items read them too
+        blocks = {name: model_block(model, data, cutoff, ranking=order) for name, order in rankings.items()}
+        blocks |= {"random": random_block(len(data.post_ids), seed), **baselines}
+        blocks["feed"] = _feed_block(truth, data, feed, cutoff)
+        return online_report(blocks, task, seed=seed)

@@ -141,6 +141,20 @@ class Histories:
         counts = (int(self.ev_seen[end - 1]), int(self.ev_liked[end - 1])) if end > start else (0, 0)
         return self.ev_time[low:end], self.ev_post[low:end], self.ev_action[low:end], *counts
 
+    def events_before(
+        self, user_rows: np.ndarray, times: np.ndarray, *, valid: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query index, post row, action) of every event strictly before each query's time, flat (the
+        whole history, for the user tower's profile); rows where `valid` is False have none."""
+        user_rows = np.asarray(user_rows, dtype=np.int64)
+        start = self.user_ptr[user_rows]
+        lengths = self.last_before(user_rows, times) - start
+        if valid is not None:
+            lengths = np.where(valid, lengths, 0)
+        owner = np.repeat(np.arange(len(user_rows)), lengths)
+        index = np.arange(len(owner)) + np.repeat(start - np.cumsum(lengths) + lengths, lengths)
+        return owner, self.ev_post[index].astype(np.int64), self.ev_action[index].astype(np.int64)
+
     def posts_before(self, user_row: int, time: int) -> np.ndarray:
         """Post rows of the user's events strictly before `time` (on `likes`: the posts liked before it)."""
         start, end = self.user_ptr[user_row], self.user_ptr[user_row + 1]
@@ -247,6 +261,16 @@ class LayeredHistories:
         layer = np.repeat([0, 1], [len(base[0]), len(delta[0])])
         last = np.lexsort((layer, actions, ev_time))[-k:]
         return ev_time[last], posts[last], actions[last], base[3] + delta[3], base[4] + delta[4]
+
+    def events_before(
+        self, user_rows: np.ndarray, times: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Histories.events_before over both layers (their order does not matter: the profile is a mean)."""
+        user_rows = np.asarray(user_rows, dtype=np.int64)
+        base_rows, inside = self._in_base(user_rows)
+        base = self.base.events_before(base_rows, times, valid=inside)
+        delta = self.delta.events_before(user_rows, times)
+        return tuple(np.concatenate(pair) for pair in zip(base, delta, strict=True))  # type: ignore[return-value]
 
     def posts_before(self, user_row: int, time: int) -> np.ndarray:
         delta = self.delta.posts_before(user_row, time)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,31 @@ def train_autoencoder(
     if epochs < 0 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     x = torch.as_tensor(np.ascontiguousarray(embeddings), dtype=torch.float32)
+    with one_thread():  # batches of 256 x 384: a second thread's sync costs more than it brings
+        return _train_autoencoder(x, code_dim, hidden_dim, epochs, batch_size, lr, seed, progress)
 
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's intra-op pool at one thread inside the block (restored after it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_autoencoder(
+    x: torch.Tensor,
+    code_dim: int,
+    hidden_dim: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool,
+) -> tuple[Autoencoder, np.ndarray, float]:
     # fork_rng: seed the initialisation without changing the caller's global torch RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -32,7 +32,7 @@ import database
 import demo_data
 import get_features_table
 import get_model
-from evaluate import BASELINES, METRIC_KEYS, calibrate, evaluate_model, validation_score
+from evaluate import METRIC_KEYS, ONLINE_K, calibrate, evaluate_model, validation_score
 from features import POST_STAT_NAMES, USER_CATEGORICALS, Dataset, UserFeatures, build_dataset
 from get_features_table import TABLES
 from get_model import FeedSnapshot, ModelFile, ModelFileError, save_model_file
@@ -266,6 +266,8 @@ def new_model(
         text_dim=settings.text_dim,
         max_history=settings.max_history,
         max_likes=settings.max_likes,
+        profile_dim=settings.profile_dim,
+        like_pool=settings.like_pool,
         use_history=use_history,
         use_text=use_text,
         exposure_head=objective == "joint",
@@ -325,7 +327,13 @@ def train_stage(
     metrics: dict[str, dict] = {}
     if evaluate:
         metrics = evaluate_model(
-            model, data, truth=load_truth(settings), feed=feed, seed=settings.seed, progress=progress
+            model,
+            data,
+            truth=load_truth(settings),
+            feed=feed,
+            ranking=settings.ranking,
+            seed=settings.seed,
+            progress=progress,
         )
     metrics.setdefault("model", {})["autoencoder_mse"] = reconstruction
     seconds["evaluate"] = time.perf_counter() - clock
@@ -417,12 +425,21 @@ def write_history(history: list[dict[str, float]], out_dir: Path) -> list[Path]:
     return [csv_path, json_path, png_path]
 
 
-def summary_table(metrics: dict[str, dict[str, float]]) -> str:
-    names = [name for name in ("model", *BASELINES, "oracle") if name in metrics]
+def summary_table(metrics: dict[str, dict]) -> str:
+    """The report as Markdown: offline metrics of every ranker, then (demo data) the online value."""
+    names = [name for name in metrics if name not in ("protocol", "online")]
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for key in METRIC_KEYS:
         cells = [metrics[name].get(key, math.nan) for name in names]
         lines.append(f"| {key} | " + " | ".join(f"{value:.4f}" for value in cells) + " |")
+    for window, report in metrics.get("online", {}).items():
+        rankers = [name for name in report if name != "users"]
+        users = int(report["users"]["count"])
+        lines += ["", f"online value, {window} cutoff ({users} users): expected likes of the top {ONLINE_K}"]
+        lines += ["| ranking | likes | 95% interval | share of the ceiling |", "|---|---|---|---|"]
+        for name in rankers:
+            value, (low, high) = report[name][f"likes@{ONLINE_K}"], report[name][f"likes@{ONLINE_K}_ci"]
+            lines.append(f"| {name} | {value:.4f} | [{low:.4f}, {high:.4f}] | {report[name]['share']:.2f} |")
     return "\n".join(lines)
 
 
@@ -550,7 +567,13 @@ def evaluate_saved(settings: Settings, *, progress: bool = True) -> dict[str, di
     data = dataset_of_model(settings, model_file, (users, posts, feed))
     model = model_file.two_tower()  # evaluate_model sets the statistics of each window's cutoff
     return evaluate_model(
-        model, data, truth=load_truth(settings), feed=feed, seed=settings.seed, progress=progress
+        model,
+        data,
+        truth=load_truth(settings),
+        feed=feed,
+        ranking=settings.ranking,
+        seed=settings.seed,
+        progress=progress,
     )
 
 

@@ -9,6 +9,7 @@ the like logit's part and what the feed shows (a personal and a per-post exposur
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,8 @@ class TwoTowerConfig:
     use_text: bool = True
     exposure_head: bool = False  # a per-post "how often is it shown" term, added to the ranking score
     exposure_dim: int = 16  # with the exposure head: a personal one too, <A u, B v> (0 = per post only)
+    profile_dim: int = 0  # > 0: the user tower also reads the user's profile (TwoTower.profile), this wide
+    like_pool: bool = False  # the user vector adds a learned decaying sum of the last likes' item vectors
 
 
 @dataclass
@@ -57,6 +60,18 @@ class UserBatch:
     hist_action: torch.Tensor  # int64 [B, H]
     hist_recency: torch.Tensor  # int64 [B, H]
     hist_mask: torch.Tensor  # bool [B, H], True = a real event
+    # every event before each time (the profile): its batch row, post row and action, flat [N]
+    profile_owner: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    profile_post: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    profile_action: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+
+def ranked_columns(config: TwoTowerConfig, ranking: str) -> slice:
+    """The columns of the ranking matrix and the ranking user vector that a ranking reads (settings.RANKING):
+    "likes" the like logit's <u, v> alone, so posts come in the order of the calibrated like probability;
+    "logged" all of them, <u, v> + <A u, B v> + exposure, which also predicts what the old feed showed."""
+    assert ranking in ("likes", "logged"), f"unknown ranking {ranking!r}: likes or logged"
+    return slice(0, config.embed_dim) if ranking == "likes" else slice(None)
 
 
 def make_user_batch(
@@ -78,6 +93,7 @@ def make_user_batch(
         )
         posts, actions, recency, mask = (np.concatenate(pair, axis=1) for pair in windows)
     numeric = numeric_inputs(users.numeric[user_rows], times, *histories.counts_before(user_rows, times))
+    profile = histories.events_before(user_rows, times) if config.profile_dim else ()
     return UserBatch(
         torch.from_numpy(users.categorical[user_rows]),
         torch.from_numpy(numeric),
@@ -85,6 +101,7 @@ def make_user_batch(
         torch.from_numpy(actions),
         torch.from_numpy(recency),
         torch.from_numpy(mask),
+        *(torch.from_numpy(part) for part in profile),
     )
 
 
@@ -214,7 +231,12 @@ class UserTower(nn.Module):
             nn.Embedding(n, config.category_dim) for n in config.user_cardinalities
         )
         static_in = config.category_dim * len(config.user_cardinalities) + config.n_user_numeric
-        self.static = mlp(static_in, config.hidden_dim, config.embed_dim, config.dropout)
+        self.profile_dim = config.profile_dim
+        if config.profile_dim:
+            self.profile = nn.Sequential(
+                nn.LayerNorm(2 * config.text_dim), nn.Linear(2 * config.text_dim, config.profile_dim)
+            )
+        self.static = mlp(static_in + config.profile_dim, config.hidden_dim, config.embed_dim, config.dropout)
         d = config.embed_dim
         self.n_recency = config.n_recency
         self.event = nn.Embedding(2 * config.n_recency, d)  # (action, recency bucket) pairs: one lookup
@@ -224,10 +246,22 @@ class UserTower(nn.Module):
             HistoryEncoderLayer(d, config.n_heads, config.ff_dim) for _ in range(config.n_layers)
         )
         self.fuse = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, d))
+        self.max_history, self.like_pool = config.max_history, config.like_pool and config.max_likes > 0
+        if self.like_pool:  # weights of the likes window's slots, oldest first: a decay 0.8 to start from
+            decay = 0.8 ** torch.arange(config.max_likes - 1, -1, -1, dtype=torch.float32)
+            self.like_weights = nn.Parameter(0.2 * decay)
+            self.like_map = nn.Linear(d, d, bias=False)
+            nn.init.eye_(self.like_map.weight)
 
-    def forward(self, batch: UserBatch, history_items: torch.Tensor) -> torch.Tensor:
-        """history_items: [B, H, d] item-tower encodings of the history posts."""
+    def forward(
+        self, batch: UserBatch, history_items: torch.Tensor, profile: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """history_items: [B, H, d] item-tower encodings of the history posts; profile: [B, 2 text_dim]
+        (TwoTower.profile), with config.profile_dim."""
         embedded = [table(batch.categorical[:, i]) for i, table in enumerate(self.categoricals)]
+        if self.profile_dim:
+            assert profile is not None, "this user tower reads the user's profile: pass profile="
+            embedded.append(self.profile(profile))
         static = self.static(torch.cat([*embedded, batch.numeric], dim=-1))
         if not self.use_history:
             return static
@@ -241,7 +275,11 @@ class UserTower(nn.Module):
             encoded = layer(encoded, key_bias[:, None, None, :])
         weights = mask.unsqueeze(-1).to(encoded.dtype)
         pooled = (encoded * weights).sum(1) / weights.sum(1)
-        return static + self.fuse(torch.cat([static, pooled], dim=-1))
+        user = static + self.fuse(torch.cat([static, pooled], dim=-1))
+        if self.like_pool:  # what the last likes say about the next one: their item vectors, decaying
+            likes = history_items[:, self.max_history :] * batch.hist_mask[:, self.max_history :, None]
+            user = user + self.like_map((likes * self.like_weights[None, :, None]).sum(1))
+        return user
 
 
 class TwoTower(nn.Module):
@@ -346,21 +384,37 @@ class TwoTower(nn.Module):
         if post_stats is not None:
             items = self.item_embeddings(post_rows, post_stats)
             if not self.config.use_history:
-                return self.users(batch, torch.empty(0)), items
+                return self._users(batch, torch.empty(0)), items
             if history_items is None:
                 unique, inverse = torch.unique(batch.hist_post, return_inverse=True)
-                return self.users(batch, self.item_embeddings(unique)[inverse]), items
-            return self.users(batch, history_items[batch.hist_post]), items
+                return self._users(batch, self.item_embeddings(unique)[inverse]), items
+            return self._users(batch, history_items[batch.hist_post]), items
         if not self.config.use_history:
-            return self.users(batch, torch.empty(0)), self.item_embeddings(post_rows)
+            return self._users(batch, torch.empty(0)), self.item_embeddings(post_rows)
         if history_items is not None:
             unique, inverse = torch.unique(post_rows, return_inverse=True)
-            return self.users(batch, history_items[batch.hist_post]), self.item_embeddings(unique)[inverse]
+            return self._users(batch, history_items[batch.hist_post]), self.item_embeddings(unique)[inverse]
         n_history = batch.hist_post.numel()
         unique, inverse = torch.unique(torch.cat([batch.hist_post.flatten(), post_rows]), return_inverse=True)
         items = self.item_embeddings(unique)[inverse]
-        users = self.users(batch, items[:n_history].view(*batch.hist_post.shape, -1))
+        users = self._users(batch, items[:n_history].view(*batch.hist_post.shape, -1))
         return users, items[n_history:]
+
+    def profile(self, batch: UserBatch) -> torch.Tensor | None:
+        """[B, 2 text_dim]: the mean text code of the posts each user viewed before the batch's time, and
+        of those they liked (zeros where none): the whole history in two vectors, which says more about
+        a taste than the last events do (what the feed showed follows taste too). None without it."""
+        if not self.config.profile_dim:
+            return None
+        n, width = len(batch.categorical), self.config.text_dim
+        slot = batch.profile_owner * 2 + batch.profile_action
+        sums = torch.zeros(2 * n, width, device=self.post_text.device)
+        sums.index_add_(0, slot, self.post_text[batch.profile_post])
+        counts = torch.bincount(slot, minlength=2 * n).clamp(min=1)
+        return (sums / counts[:, None]).view(n, 2 * width)
+
+    def _users(self, batch: UserBatch, history_items: torch.Tensor) -> torch.Tensor:
+        return self.users(batch, history_items, self.profile(batch))
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         """Raw like logits (what training fits) -> calibrated ones, whose sigmoid is the like probability;
@@ -385,8 +439,8 @@ class _OnnxUserTower(nn.Module):
         self.model = model
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        *fields, history_items = inputs
-        return self.model.ranking_user_vector(self.model.users(UserBatch(*fields), history_items))
+        *fields, history_items, profile = inputs
+        return self.model.ranking_user_vector(self.model.users(UserBatch(*fields), history_items, profile))
 
 
 ONNX_INPUTS = (
@@ -397,6 +451,7 @@ ONNX_INPUTS = (
     "hist_recency",
     "hist_mask",
     "history_items",
+    "profile",
 )
 
 
@@ -415,6 +470,7 @@ def user_tower_onnx(model: TwoTower) -> bytes:
         *(torch.zeros(1, width, dtype=torch.long) for _ in range(3)),
         torch.zeros(1, width, dtype=torch.bool),
         torch.zeros(1, width, config.embed_dim),
+        torch.zeros(1, 2 * config.text_dim),
     )
     graph = io.BytesIO()
     with warnings.catch_warnings():

@@ -39,7 +39,7 @@ from get_features_table import COLUMNS
 from get_model import FeedSnapshot, ModelFile
 from histories import ACTION_LIKE, RECENCY_BUCKETS, Histories, LayeredHistories, histories_from_rows
 from inference import OnnxUserTower, RequestInputs
-from model import TwoTowerConfig, numeric_inputs
+from model import TwoTowerConfig, numeric_inputs, ranked_columns
 from times import DAY_SECONDS
 
 FUTURE_TOLERANCE_SECONDS = DAY_SECONDS  # a row dated further past the clock moves no watermark or statistics
@@ -245,9 +245,17 @@ def make_search(
 class Recommender:
     """The model of a model file, serving one ServingState at a time (see the module docstring)."""
 
-    def __init__(self, model_file: ModelFile, *, threads: int = 1, faiss_min_posts: int = 50_000):
+    def __init__(
+        self,
+        model_file: ModelFile,
+        *,
+        threads: int = 1,
+        faiss_min_posts: int = 50_000,
+        ranking: str = "likes",
+    ):
         torch.set_num_threads(threads)
         self.threads, self.faiss_min_posts = threads, faiss_min_posts
+        self.ranked = ranked_columns(model_file.config, ranking)  # the columns the ranking reads
         self.model = model = model_file.two_tower()
         self.autoencoder = model_file.text_autoencoder()
         self.vocabs = model_file.vocabs
@@ -270,7 +278,7 @@ class Recommender:
             live=np.ones(len(post_ids), dtype=bool),
             post_json=(None,) * len(post_ids),
             ranking_matrix=ranking_matrix,
-            search=make_search(ranking_matrix, faiss_min_posts=faiss_min_posts, threads=threads),
+            search=self._search(ranking_matrix),
             stats_time=snapshot.end,
             item_dim=model.config.embed_dim,
         )
@@ -316,7 +324,8 @@ class Recommender:
         histories: Histories | LayeredHistories | None = None,
     ) -> np.ndarray:
         """Ranking scores (float32, a new array) of every post row for one user at `time`."""
-        return state.ranking_matrix @ self.query(state, user_row, time, users=users, histories=histories)
+        query = self.query(state, user_row, time, users=users, histories=histories)
+        return state.ranking_matrix[:, self.ranked] @ query
 
     def query(
         self,
@@ -327,11 +336,11 @@ class Recommender:
         users: UserFeatures | None = None,
         histories: Histories | LayeredHistories | None = None,
     ) -> np.ndarray:
-        """The ranking user vector: ranking_matrix @ query is every post's ranking score."""
+        """The ranking user vector: ranking_matrix[:, ranked] @ query is every post's ranking score."""
         users = state.users if users is None else users
         histories = state.histories if histories is None else histories
         inputs = request_inputs(users, histories, user_row, time, self.model.config)
-        return self._user_tower(inputs, state.item_matrix[inputs.posts])
+        return self._user_tower(inputs, state.item_matrix[inputs.posts])[self.ranked]
 
     def newcomer(self, state: ServingState, user: Any) -> tuple[UserFeatures, Histories]:
         """Features and history of a user in user_data that the state does not hold yet (an ORM row or
@@ -370,12 +379,7 @@ class Recommender:
                 ranking_matrix = self._ranking_matrix(posts, delta, stats_time, rows)
             search = state.search
             if ranking_matrix is not state.ranking_matrix:
-                search = make_search(
-                    ranking_matrix,
-                    faiss_min_posts=self.faiss_min_posts,
-                    threads=self.threads,
-                    previous=search,
-                )
+                search = self._search(ranking_matrix, previous=search)
             self.state = dataclasses.replace(
                 state,
                 users=users,
@@ -388,6 +392,15 @@ class Recommender:
                 **posts,
             )
             return self.state
+
+    def _search(self, ranking_matrix: np.ndarray, previous: object = None) -> ExactSearch | FaissSearch:
+        """The top-k search over the ranked columns of the ranking matrix."""
+        return make_search(
+            np.ascontiguousarray(ranking_matrix[:, self.ranked]),
+            faiss_min_posts=self.faiss_min_posts,
+            threads=self.threads,
+            previous=previous,
+        )
 
     def _with_posts(self, state: ServingState, changes: Changes) -> dict[str, Any]:
         """The post fields of the next state: new posts appended, liveness and texts updated."""

@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 DATA_DIR = Path("data")
 SCALE_NAMES = ("tiny", "small", "full")  # demo sizes; demo_data.SCALES holds their row counts
 OBJECTIVES = ("bce", "softmax", "joint")  # learn_model.train_two_tower implements each
+RANKINGS = ("likes", "logged")  # what /post/recommendations ranks by (model.ranked_columns)
 
 
 class Settings(BaseSettings):
@@ -42,6 +43,8 @@ class Settings(BaseSettings):
     learning_rate: float = Field(2e-3, gt=0)
     max_history: int = Field(16, ge=1)  # the user tower reads the last max_history events (views, likes)
     max_likes: int = Field(16, ge=1)  # and the last max_likes likes however old: the long-term taste
+    profile_dim: int = Field(0, ge=0)  # and the means of every post viewed and liked before, this wide
+    like_pool: bool = False
     history_items_every: int = Field(50, ge=0)  # training: the histories read item encodings recomputed
     # every N steps without gradient (faster); 0 = through the item tower, with gradient, at every step
     train_sample: int = Field(1_500_000, ge=1)  # views sampled from the training window (as the original)
@@ -58,6 +61,8 @@ class Settings(BaseSettings):
     refresh_seconds: float = Field(30.0, ge=0)  # how often the service follows its tables (0 = never)
     refresh_lookback_seconds: int = Field(7200, ge=0)  # how late a feed row may arrive and still be read
     # within one refresh (older ones come later, through the day-by-day audit)
+    ranking: Literal[RANKINGS] = "likes"  # likes: the calibrated like probability (what a user will like);
+    # logged: + the exposure terms (what the old feed showed too: hits among logged likes)
     torch_threads: int = Field(1, ge=1)  # intra-op threads per service worker
     faiss_min_posts: int = Field(50_000, ge=1)  # from this many posts on, top-k goes through a FAISS index
 

@@ -14,6 +14,10 @@ Everything else these variants keep exact (post latents and biases, the history 
 its drift), which a model has to estimate from the same finite feed, so they are yardsticks rather
 than a ceiling: "perfect knowledge of everything but the user's individual parameters", and "that,
 plus the best use of each user's own history". The last one needs users x posts in memory: small scale.
+
+Beside the offline metrics, each variant's online value at the test cutoff (evaluate.online_report):
+the expected likes of the top 5 posts by the variant's like probability, measured with the true one,
+as a share of the full ceiling. The MAP variant's share is the knowable ceiling of a model's like head.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
     from demo_data import GroundTruth
     from features import Dataset
 
-SHOWN = ("roc_auc", "log_loss", "hitrate@5", "recall@10", "ndcg@10", "coverage")
+SHOWN = ("roc_auc", "log_loss", "hitrate@5", "recall@10", "ndcg@10", "coverage", "online_share")
 
 
 def demographic_design(users: pd.DataFrame, user_ids: np.ndarray) -> np.ndarray:
@@ -127,7 +131,7 @@ def main() -> None:
 
     import main_script
     from demo_data import TASTE_NOISE_SD, USER_BIAS_SD
-    from evaluate import evaluate_ranking, ranking_task
+    from evaluate import evaluate_ranking, online_report, online_task, ranking_task
     from learn_model import pointwise_metrics
     from settings import Settings
 
@@ -162,6 +166,15 @@ def main() -> None:
             lambda rows, v=variant: v.score_matrix(user_ids[rows], post_ids, cutoff, feed), task
         )
         log(f"{name}: done")
+    online = online_report(
+        {
+            name: lambda rows, v=variant: v.like_logit_matrix(user_ids[rows], post_ids, data.cutoff, feed)
+            for name, variant in variants.items()
+        },
+        online_task(data, truth, feed, "test", seed=settings.seed),
+    )
+    for name in variants:
+        results[name] |= {"online_share": online[name]["share"], "online_likes@5": online[name]["likes@5"]}
     explained = {
         "taste": float(1 - (truth.taste - taste).var() / truth.taste.var()),
         "like_bias": float(1 - (truth.user_bias - bias).var() / truth.user_bias.var()),

@@ -15,6 +15,7 @@ from sklearn.metrics.pairwise import cosine_similarity
 import main_script
 from evaluate import (
     BASELINES,
+    OnlineTask,
     RankingTask,
     bootstrap_interval,
     constant_block,
@@ -23,8 +24,13 @@ from evaluate import (
     evaluate_ranking,
     item_knn_weights,
     like_matrix,
+    matrix_block,
+    online_report,
+    online_values,
+    random_block,
     ranking_task,
     top_k,
+    truth_block,
 )
 from features import build_dataset, build_user_histories
 from learn_model import expected_calibration_error, fit_calibration, pointwise_metrics
@@ -209,7 +215,7 @@ def test_the_model_is_scored_at_the_cutoff(tiny_model):
     tables = main_script.load_tables(tiny_model, progress=False)
     data = main_script.dataset_of_model(tiny_model, model_file, tables)
     model = model_file.two_tower()
-    reported = evaluate_model(model, data, progress=False)["model"]
+    reported = evaluate_model(model, data, ranking="logged", progress=False)["model"]
 
     with torch.no_grad():
         model.post_stats.copy_(torch.from_numpy(data.post_stats_at(data.cutoff)))
@@ -244,3 +250,69 @@ def test_calibration_of_a_score_that_falls_with_the_like_rate_predicts_the_mean_
     assert probability.mean() == pytest.approx(labels.mean(), rel=1e-3)
     assert fit_calibration(scores, np.zeros(len(scores))) == (1.0, 0.0), "one label only: nothing to fit"
     assert math.isnan(expected_calibration_error(np.zeros(0), np.zeros(0)))
+
+
+# ----------------------------------------------------------------------------- online value
+
+
+def hand_built_task() -> OnlineTask:
+    """Two users, seven posts; user 3 liked post 6 before the cutoff (excluded, never counted)."""
+    probability = np.array(
+        [[0.9, 0.1, 0.5, 0.3, 0.2, 0.05, 0.6], [0.2, 0.4, 0.1, 0.8, 0.7, 0.3, 0.05]], np.float32
+    )
+    excluded = np.zeros_like(probability, dtype=bool)
+    excluded[0, 6] = True
+    return OnlineTask(user_rows=np.array([3, 7]), excluded=excluded, probability=probability)
+
+
+def test_online_value_of_a_ranking_on_a_hand_built_truth():
+    task = hand_built_task()
+    best = online_values(truth_block(task), task)  # the five most likely eligible posts of each user
+    np.testing.assert_allclose(best, [0.9 + 0.5 + 0.3 + 0.2 + 0.1, 0.8 + 0.7 + 0.4 + 0.3 + 0.2], rtol=1e-6)
+    worst = online_values(lambda rows: -task.probability[task.positions(rows)], task)
+    np.testing.assert_allclose(worst, [0.05 + 0.1 + 0.2 + 0.3 + 0.5, 0.05 + 0.1 + 0.2 + 0.3 + 0.4], rtol=1e-6)
+    excluded_first = online_values(constant_block(np.array([0, 0, 0, 0, 0, 0, 10], np.float32)), task)
+    np.testing.assert_allclose(excluded_first[0], 0.9 + 0.1 + 0.5 + 0.3 + 0.2, rtol=1e-6)  # ties: lower rows
+
+
+def test_online_report_shares_of_the_ceiling():
+    task = hand_built_task()
+    report = online_report(
+        {
+            "truth": truth_block(task),
+            "reversed": lambda rows: -task.probability[task.positions(rows)],
+            "random": random_block(7, seed=0),
+        },
+        task,
+    )
+    assert report["truth"]["share"] == pytest.approx(1.0) and report["ceiling"]["share"] == 1.0
+    assert report["ceiling"]["likes@5"] == pytest.approx((2.0 + 2.4) / 2)
+    expected_random = (5 * (2.65 - 0.6) / 6 + 5 * 2.55 / 7) / 2  # five eligible posts at random
+    randoms = [online_values(random_block(7, seed), task).mean() for seed in range(400)]
+    assert np.mean(randoms) == pytest.approx(expected_random, abs=0.01)
+    assert report["reversed"]["share"] < expected_random / report["ceiling"]["likes@5"] < 1.0
+    assert report["users"]["count"] == 2
+
+
+def test_personal_baselines_rank_users_without_likes_by_popularity():
+    likes = like_matrix(
+        build_user_histories(
+            pd.DataFrame(
+                {
+                    "timestamp": [T0, T0, T0],
+                    "user_id": [1, 1, 2],
+                    "post_id": [1, 2, 2],
+                    "action": "like",
+                    "target": 0,
+                }
+            ),
+            np.array([1, 2, 3]),
+            np.arange(1, 6),
+        ),
+        cutoff=to_seconds(pd.Series([T0]))[0] + 1,
+        n_posts=5,
+    )
+    popularity = np.array([1.0, 5.0, 0.0, 9.0, 2.0], np.float32)
+    for weights in (item_knn_weights(likes), ease_weights(likes, 10.0)):
+        scores = matrix_block(likes, weights, popularity)(np.array([2]))  # user 3: no like before
+        assert np.argsort(-scores[0], kind="stable").tolist() == [3, 1, 4, 0, 2], "not by popularity"

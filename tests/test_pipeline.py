@@ -72,8 +72,8 @@ def test_history_files_are_written(tiny_model):
 
 def test_metrics_cover_model_and_baselines(tiny_model):
     metrics = load_model_file(tiny_model.model_path).metrics
-    assert set(metrics) == {"model", *BASELINES, "oracle", "protocol"}
-    for name in ("model", *BASELINES, "oracle"):
+    assert set(metrics) == {"model", "model_logged", *BASELINES, "oracle", "protocol", "online"}
+    for name in ("model", "model_logged", *BASELINES, "oracle"):
         values = metrics[name]
         for key in METRIC_KEYS:
             assert 0.0 <= values[key] <= 1.0 or key == "log_loss", f"{name} {key}={values[key]}"
@@ -87,6 +87,16 @@ def test_metrics_cover_model_and_baselines(tiny_model):
     calibration = load_model_file(tiny_model.model_path).state_dict["calibration"].tolist()
     assert calibration == pytest.approx([protocol["calibration_scale"], protocol["calibration_bias"]])
     assert calibration != [1.0, 0.0], "the model file carries the calibration fitted on validation"
+    for window in ("validation", "test"):  # the online value of every ranking, against the ceiling
+        online = metrics["online"][window]
+        assert set(online) == {"model", "model_logged", *BASELINES, "feed", "ceiling", "users"}
+        assert online["users"]["count"] > 20
+        ceiling = online["ceiling"]["likes@5"]
+        assert online["ceiling"]["share"] == 1.0
+        for name, values in online.items():
+            if name != "users":
+                low, high = values["likes@5_ci"]
+                assert 0 < low <= values["likes@5"] <= high <= 5 and values["likes@5"] <= ceiling, name
 
 
 def test_trained_model_beats_random(tiny_model):
@@ -106,7 +116,7 @@ def test_evaluate_cli_prints_one_json_object(tiny_model):
     done = run_cli("--quiet", "evaluate", "--json", env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
-    assert set(result) == {"model", *BASELINES, "oracle", "protocol"}
+    assert set(result) == {"model", "model_logged", *BASELINES, "oracle", "protocol", "online"}
     assert set(METRIC_KEYS) <= set(result["model"])
     saved = load_model_file(tiny_model.model_path).metrics
     assert result["model"]["hitrate@5"] == pytest.approx(saved["model"]["hitrate@5"], abs=1e-9)

@@ -48,8 +48,11 @@ def served(tiny_model, tiny_tables, db_url):
         yield client, app
 
 
-def offline_top(settings, tables, user_id: int, when: str, limit: int) -> list[int]:
-    """The ranking computed the training way: learn_model on histories rebuilt from the whole feed."""
+def offline_top(
+    settings, tables, user_id: int, when: str, limit: int, *, ranking: str = "likes"
+) -> list[int]:
+    """The ranking computed the training way, on histories rebuilt from the whole feed: by the
+    calibrated like probability ("likes"), or by like logit + exposure terms ("logged")."""
     model_file = load_model_file(settings.model_path)
     model = TwoTower(model_file.config)
     model.load_state_dict(model_file.state_dict)
@@ -62,7 +65,11 @@ def offline_top(settings, tables, user_id: int, when: str, limit: int) -> list[i
     moment = parse_time(when)
     batch = make_user_batch(table, histories, np.array([row]), np.array([moment]), model.config)
     with torch.inference_mode():
-        scores = (model.ranking_user_vector(model.user_embeddings(batch)) @ model.ranking_item_matrix().T)[0]
+        users = model.user_embeddings(batch)
+        if ranking == "likes":
+            scores = torch.sigmoid(model.calibrated(users @ model.item_embeddings().T + model.bias))[0]
+        else:
+            scores = (model.ranking_user_vector(users) @ model.ranking_item_matrix().T)[0]
     scores = scores.numpy().astype(np.float64)
     scores[histories.likes.posts_before(row, moment)] = -np.inf
     order = np.lexsort((np.arange(len(scores)), -scores))[:limit]
@@ -90,11 +97,28 @@ def test_returns_posts_in_postget_shape(served, tiny_tables):
 
 
 @pytest.mark.parametrize("when", ["2021-10-20 08:00:00", "2021-12-10 21:30:00", "2022-01-05 12:00:00"])
-def test_service_ranking_equals_offline_scoring(served, tiny_model, tiny_tables, when):
+def test_service_ranking_equals_offline_like_probability_order(served, tiny_model, tiny_tables, when):
     client, _ = served
     for user in active_users(tiny_tables[2], 4):
         got = [item["id"] for item in client.get(URL, params={"id": user, "time": when, "limit": 20}).json()]
         assert got == offline_top(tiny_model, tiny_tables, user, when, 20), f"user {user} at {when}"
+
+
+def test_ranking_logged_reproduces_the_exposure_weighted_order(tiny_model, tiny_tables, tmp_path):
+    users, posts, feed = tiny_tables
+    url = f"sqlite:///{tmp_path / 'logged.db'}"
+    engine = database.make_engine(url)
+    get_features_table.write_tables(engine, users=users, posts=posts, feed=feed, progress=False)
+    engine.dispose()
+    when = "2021-12-10 21:30:00"
+    with TestClient(create_app(tiny_model.replace(database_url=url, ranking="logged"))) as client:
+        for user in active_users(feed, 4):
+            got = [
+                item["id"] for item in client.get(URL, params={"id": user, "time": when, "limit": 20}).json()
+            ]
+            expected = offline_top(tiny_model, tiny_tables, user, when, 20, ranking="logged")
+            assert got == expected, f"user {user}"
+            assert expected != offline_top(tiny_model, tiny_tables, user, when, 20), "the two rankings differ"
 
 
 def test_posts_liked_before_time_are_excluded(served, tiny_tables):
