@@ -315,7 +315,11 @@ def train_stage(
     clock = time.perf_counter()
     config = TrainConfig.from_settings(settings, device=str(training_device(settings.device)))
     history = train_two_tower(
-        model, data, config, validate=partial(validation_score, data=data), progress=progress
+        model,
+        data,
+        config,
+        validate=partial(validation_score, data=data, ranking=settings.ranking),
+        progress=progress,
     )
     seconds["train"] = time.perf_counter() - clock
     if rank != 0:

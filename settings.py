@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     epochs: int = Field(6, ge=1)
     batch_size: int = Field(1024, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)  # AdamW's decoupled weight decay
     max_history: int = Field(16, ge=1)  # the user tower reads the last max_history events (views, likes)
     max_likes: int = Field(16, ge=1)  # and the last max_likes likes however old: the long-term taste
     profile_dim: int = Field(0, ge=0)  # and the means of every post viewed and liked before, this wide

@@ -31,9 +31,10 @@ from evaluate import (
     ranking_task,
     top_k,
     truth_block,
+    validation_score,
 )
 from features import build_dataset, build_user_histories
-from learn_model import expected_calibration_error, fit_calibration, pointwise_metrics
+from learn_model import expected_calibration_error, fit_calibration, pointwise_metrics, predict
 from model import make_user_batch
 from settings import Settings
 from times import to_seconds
@@ -316,3 +317,28 @@ def test_personal_baselines_rank_users_without_likes_by_popularity():
     for weights in (item_knn_weights(likes), ease_weights(likes, 10.0)):
         scores = matrix_block(likes, weights, popularity)(np.array([2]))  # user 3: no like before
         assert np.argsort(-scores[0], kind="stable").tolist() == [3, 1, 4, 0, 2], "not by popularity"
+
+
+def test_early_stopping_scores_the_ranking_the_service_serves(tiny_model):
+    """RANKING=likes: minus the like head's log-loss on the validation views once calibrated there (the
+    model's own calibration untouched); RANKING=logged: NDCG@10 of the exposure-weighted ranking."""
+    model_file = main_script.get_model.get_model(tiny_model)
+    tables = main_script.load_tables(tiny_model, progress=False)
+    data = main_script.dataset_of_model(tiny_model, model_file, tables)
+    model = model_file.two_tower()
+    saved = model.calibration.clone()
+
+    score = validation_score(model, data, ranking="likes")
+
+    assert torch.equal(model.calibration, saved)
+    cutoff, _, views = data.window("validation")
+    model.calibration.copy_(torch.tensor([1.0, 0.0]))
+    with torch.no_grad():
+        model.post_stats.copy_(torch.from_numpy(data.post_stats_at(cutoff)))
+    logits = predict(model, data.users, data.histories, views)
+    scale, bias = fit_calibration(logits, views.labels)
+    calibrated = pointwise_metrics(views.labels, scale * logits + bias)
+    assert score == pytest.approx(-calibrated["log_loss"], rel=1e-6)
+    assert score > -pointwise_metrics(views.labels, logits * 0 + 5.0)["log_loss"]  # beats a silly constant
+    logged = validation_score(model, data, ranking="logged")
+    assert 0 <= logged <= 1 and logged != pytest.approx(score)
