@@ -241,6 +241,19 @@ def read_since(engine: Engine, position: LogPosition) -> LogRead:
     return LogRead(*_split(frame), union(position, _parse_snapshot(position.token, now)))
 
 
+def count_since(engine: Engine, position: LogPosition) -> int:
+    """How many log rows committed now lie after `position` (the refresh's lag, for /health)."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            query = text(f"SELECT count(*) FROM {LOG_TABLE} WHERE id > :last")
+            return int(conn.execute(query, {"last": position.last_id}).scalar_one())
+        query = text(
+            f"SELECT count(*) FROM {LOG_TABLE} WHERE xid >= CAST(:low AS text)::xid8"
+            " AND NOT pg_visible_in_snapshot(xid, CAST(:seen AS pg_snapshot))"
+        )
+        return int(conn.execute(query, {"low": str(position.xmin), "seen": position.snapshot}).scalar_one())
+
+
 def union(seen: LogPosition, now: LogPosition) -> LogPosition:
     """The position holding every transaction either position holds (both are snapshots: visible =
     below xmin, or below xmax and not in flight). Below the larger xmin every transaction is held by

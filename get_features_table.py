@@ -612,7 +612,9 @@ def _write(
 ) -> dict[str, int]:
     """Write already validated frames in one transaction; `frames` maps table name -> frame."""
     counts: dict[str, int] = {}
-    with engine.begin() as conn:
+    # SQLite: take the write lock at BEGIN; a deferred transaction that reads first and writes after
+    # fails at once (database is locked) when another writer committed meanwhile
+    with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
         feed = frames.get("feed_data")
         if feed is not None:
             if check_references:

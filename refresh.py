@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pandas as pd
 from sqlalchemy import ColumnElement, Engine, Integer, cast, func, inspect, select
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 import changelog
 import get_features_table
@@ -86,7 +87,6 @@ class TableFollower:
         self.last_error: str | None = None
         self.log_position: LogPosition | None = None  # following the change log from here, when set
         self.path: str | None = None  # "log" or "timestamps", chosen at the first look (choose_path)
-        self.lag = 0  # log changes committed but not merged at the last look (/health)
 
     def choose_path(self) -> str:
         """The change log when it is installed and the model file holds a position in this very log
@@ -119,8 +119,17 @@ class TableFollower:
             last_success=None if when is None else when.isoformat(timespec="seconds"),
             consecutive_failures=self.failures,
             last_error=self.last_error,
-            lag_rows=self.lag if self.path == "log" else None,
+            lag_rows=self._lag(),
         )
+
+    def _lag(self) -> int | None:
+        """Log rows committed and not merged yet; None on the timestamp path or with the database down."""
+        if self.path != "log" or self.log_position is None:
+            return None
+        try:
+            return changelog.count_since(self.engine, self.log_position)
+        except (OperationalError, DBAPIError):
+            return None
 
     # --- one cycle ---
 

@@ -11,23 +11,26 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import append_feed, plain_posts, plain_users
+from fastapi.testclient import TestClient
 from sqlalchemy import and_, delete, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 from test_live import add_post, feed_rows, live, recommended, tiny_tables  # noqa: F401 (fixtures)
 
+import changelog
 import database
 import get_features_table
 import main_script
-from app import refresh_once
+from app import create_app, refresh_once
 from serving import request_inputs
 from table_feed import Feed
-from times import DAY_SECONDS, format_time
+from times import DAY_SECONDS, format_time, to_seconds
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 POSTGRES_ONLY = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -342,3 +345,180 @@ def test_a_request_at_time_t_reads_events_strictly_before_t(live, db_url, tiny_t
         np.testing.assert_array_equal(getattr(before, name), getattr(after, name), err_msg=name)
     later = request_inputs(state.users, state.histories, row, moment + 1, config)
     assert len(later.posts) > len(after.posts) or not np.array_equal(later.numeric, after.numeric)
+
+
+# ----------------------------------------------------------------------------- the change log
+
+
+def follow_the_log(app, url: str) -> None:
+    """Install the change log on `url` and follow it from now: the tables hold exactly the rows of the
+    model's snapshot, as if the model had been trained on this database with the log in place."""
+    engine = database.make_engine(url)
+    changelog.install(engine)
+    with engine.connect() as conn:
+        position = changelog.current_position(conn)
+    engine.dispose()
+    app.state.follower.path, app.state.follower.log_position = "log", position
+
+
+def as_sorted_frame(rows) -> pd.DataFrame:
+    keys = ["seconds", "user_id", "post_id", "is_like"]
+    return rows.to_frame().sort_values(keys, ignore_index=True)
+
+
+def written_rows(frame: pd.DataFrame):
+    from serving import FeedRows
+
+    return FeedRows(
+        to_seconds(frame["timestamp"]),
+        frame["user_id"].to_numpy(np.int64),
+        frame["post_id"].to_numpy(np.int64),
+        (frame["action"] == "like").to_numpy(),
+    )
+
+
+@POSTGRES_ONLY
+def test_the_log_reads_transactions_that_commit_out_of_order(live, db_url, tiny_tables):  # noqa: F811
+    """Writer A takes its log ids first and commits last: a reader that kept `id > last id` would
+    skip A's rows for good."""
+    _client, app, _settings = live
+    follow_the_log(app, db_url)
+    user, post = some_user_and_post(app, tiny_tables)
+    old = app.state.recommender.snapshot.end - 20 * DAY_SECONDS  # weeks old: no window would see it
+    engine = database.make_engine(db_url)
+    with engine.connect() as writer_a:
+        transaction = writer_a.begin()
+        writer_a.execute(
+            text("INSERT INTO feed_data VALUES (:t, :u, :p, 'like', 0)"),
+            {"t": pd.Timestamp(old, unit="s").to_pydatetime(), "u": user, "p": post},
+        )
+        append_feed(db_url, one_row(old + 60, user, post + 1))  # writer B: later ids, committed first
+        report = refresh_once(app)
+        assert report.feed_rows == 1 and merged_count(app, user, post + 1) == 1, report
+        assert merged_count(app, user, post) == 0, "A has not committed"
+        transaction.commit()
+    engine.dispose()
+    assert refresh_once(app).feed_rows == 1, "A's row, committed after B's"
+    assert merged_count(app, user, post) == 1 and refresh_once(app).feed_rows == 0
+    assert app.state.follower.health().lag_rows == 0
+
+
+def test_two_concurrent_writers_lose_nothing(live, db_url, tiny_tables):  # noqa: F811
+    """Two writers insert 10,000 rows each (random timestamps, weeks old too, some rows equal) in
+    transactions of random size while the service refreshes: afterwards every row is merged once,
+    every like excluded for its user, and each post's like count is the table's."""
+    _client, app, _settings = live
+    follow_the_log(app, db_url)
+    users, posts, _feed = tiny_tables
+    end = app.state.recommender.snapshot.end
+    stop, failures, written = threading.Event(), [], {}
+
+    def write(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        parts, left = [], 10_000
+        while left:
+            n = min(left, int(rng.integers(200, 1500)))
+            rows = feed_rows(
+                timestamp=pd.to_datetime(end - rng.integers(-3600, 6 * 7 * DAY_SECONDS, n), unit="s"),
+                user_id=rng.choice(users["user_id"].to_numpy(), n),
+                post_id=rng.choice(posts["post_id"].to_numpy(), n),
+                action=np.where(rng.random(n) < 0.3, "like", "view"),
+            )
+            rows.iloc[: n // 10] = rows.iloc[n // 10 : 2 * (n // 10)].to_numpy()  # equal rows
+            append_feed(db_url, rows)
+            parts.append(rows)
+            left -= n
+        written[seed] = pd.concat(parts, ignore_index=True)
+
+    def refresh() -> None:
+        while not stop.is_set():
+            try:
+                refresh_once(app)
+            except Exception as exc:  # reported below: the test must not hang on a failing cycle
+                failures.append(exc)
+            stop.wait(0.3)
+
+    writers = [threading.Thread(target=write, args=(seed,)) for seed in (1, 2)]
+    refresher = threading.Thread(target=refresh)
+    for thread in [*writers, refresher]:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    stop.set()
+    refresher.join()
+    refresh_once(app)
+    assert not failures, failures[:3]
+
+    state = app.state.recommender.state
+    expected = written_rows(pd.concat(written.values(), ignore_index=True))
+    pd.testing.assert_frame_equal(as_sorted_frame(state.rows), as_sorted_frame(expected))
+
+    engine = database.make_engine(db_url)
+    table = get_features_table.read_table(engine, "feed_data")
+    engine.dispose()
+    likes = table[table["action"] == "like"]
+    for user, liked in likes.groupby("user_id")["post_id"].agg(set).items():
+        row = state.user_row(int(user))
+        excluded = set(state.post_ids[state.histories.likes.posts_before(row, 2**40)].tolist())
+        assert liked <= excluded, f"user {user}: likes not excluded: {sorted(liked - excluded)[:5]}"
+    histories = state.histories
+    served = np.zeros(len(state.post_ids), np.int64)
+    for layer in (histories.base, histories.delta):
+        is_like = layer.ev_action == 1
+        served += np.bincount(layer.ev_post[is_like], minlength=len(state.post_ids))
+    counts = likes.groupby("post_id").size()
+    table_likes = counts.reindex(state.post_ids, fill_value=0).to_numpy()
+    np.testing.assert_array_equal(served, table_likes)
+
+
+@POSTGRES_ONLY
+def test_the_feed_read_and_its_log_position_agree(db_url):
+    """read_feed takes the feed and its position in one snapshot: a transaction that commits during
+    the read is in the log after the position, not in the rows read (and never in both)."""
+    engine = database.make_engine(db_url)
+    feed = pd.concat([one_row(1_639_958_400 + i, 1, 1, "view") for i in range(3)], ignore_index=True)
+    get_features_table.write_tables(engine, users=plain_users([1, 2]), posts=plain_posts(2), feed=feed)
+    changelog.install(engine)
+    with engine.connect() as writer:
+        transaction = writer.begin()
+        writer.execute(text("INSERT INTO feed_data VALUES ('2021-12-21 00:00:00', 2, 2, 'like', 0)"))
+        read = changelog.read_feed(engine)
+        transaction.commit()
+    append_feed(db_url, one_row(1_640_131_200, 2, 1))
+    position = changelog.LogPosition.from_dict(read.attrs["log_position"])
+    after = changelog.read_since(engine, position)
+    engine.dispose()
+    assert len(read) == 3, "the uncommitted row is not in the read"
+    assert sorted(after.added.user_id.tolist()) == [2, 2] and len(after.removed) == 0, after
+
+
+def test_a_worker_started_later_catches_up_from_the_model_files_position(tiny_model, tmp_path):
+    """Case 6: a worker started after a late like arrived missed it until its own day audit reached
+    the like's day; from the model file's log position it merges it at its first cycle, and two
+    workers answer alike."""
+    copy = tmp_path / "demo.db"
+    source = sqlite3.connect(make_url(tiny_model.db_url).database)
+    with sqlite3.connect(copy) as target:
+        source.backup(target)
+    source.close()
+    settings = tiny_model.replace(database_url=f"sqlite:///{copy}", refresh_seconds=0)
+    early = create_app(settings)
+    with TestClient(early) as first:
+        assert early.state.follower.choose_path() == "log"
+        recommender = early.state.recommender
+        state = recommender.state
+        row = 5
+        user = int(state.users.user_ids[row])
+        when = recommender.snapshot.end + 600
+        top = int(state.post_ids[recommender.recommend(state, row, when, 1)][0])
+        old = recommender.snapshot.end - 30 * DAY_SECONDS
+        append_feed(settings.db_url, one_row(old, user, top))
+        late = create_app(settings)
+        with TestClient(late) as second:
+            for app in (early, late):
+                report = refresh_once(app)
+                assert report.feed_rows == 1, report
+            for client in (first, second):
+                assert top not in recommended(client, user, format_time(when))
+            answers = [recommended(c, user, format_time(when), limit=20) for c in (first, second)]
+            assert answers[0] == answers[1], "two workers answer alike"
