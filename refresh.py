@@ -170,7 +170,8 @@ class TableFollower:
             late, gone_late, audit_day, floor = self._late_rows(merged, watermark, report)
             rows, removed = fresh.concat(late), gone.concat(gone_late)
             merged = merged.concat(late)
-        unheld = len(removed) - (len(state.rows) - len(state.rows.without(removed)))
+        held = len(state.rows) - len(state.rows.without(removed))  # of the merged rows
+        unheld = len(removed) - held
         if unheld:
             log.warning(
                 "refresh: %d deleted feed rows are in the model's snapshot: they count until the next "
@@ -186,7 +187,7 @@ class TableFollower:
         self.audit_floor = floor
         if self.path == "log":
             self.log_position = read.position
-        report.removed_rows = len(removed)
+        report.removed_rows = held
         report.feed_rows, report.posts = len(rows), 0 if new_posts is None else len(new_posts)
         report.users = 0 if new_users is None else len(new_users)
         return report
