@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -180,7 +181,7 @@ def main() -> None:
     from settings import Settings
 
     build_or_reuse(database_url=args.database_url, data_dir=args.data_dir, scale="full")
-    url = scratch_copy(args.database_url, "bench_refresh")
+    url = scratch_copy(args.database_url, f"bench_refresh_{os.getpid()}")  # two runs never share one
     engine = database.make_engine(url)
     try:
         clock = time.perf_counter()
