@@ -490,24 +490,33 @@ def test_two_concurrent_writers_lose_nothing(live, db_url, tiny_tables):  # noqa
 
 
 @POSTGRES_ONLY
-def test_the_feed_read_and_its_log_position_agree(db_url):
-    """read_feed takes the feed and its position in one snapshot: a transaction that commits during
-    the read is in the log after the position, not in the rows read (and never in both)."""
+def test_the_feed_read_and_its_log_position_agree(db_url, monkeypatch):
+    """read_feed takes the feed and its position in one snapshot: a transaction that commits while the
+    feed is being read is in the log after the position, not in the rows read (never in both, never
+    in neither)."""
     engine = database.make_engine(db_url)
     feed = pd.concat([one_row(1_639_958_400 + i, 1, 1, "view") for i in range(3)], ignore_index=True)
     get_features_table.write_tables(engine, users=plain_users([1, 2]), posts=plain_posts(2), feed=feed)
     changelog.install(engine)
+    read_table = get_features_table.read_table
     with engine.connect() as writer:
         transaction = writer.begin()
         writer.execute(text("INSERT INTO feed_data VALUES ('2021-12-21 00:00:00', 2, 2, 'like', 0)"))
+
+        def read_then_commit(*args, **kwargs):
+            frame = read_table(*args, **kwargs)
+            transaction.commit()  # the writer commits while the training is still reading
+            return frame
+
+        monkeypatch.setattr(changelog.get_features_table, "read_table", read_then_commit)
         read = changelog.read_feed(engine)
-        transaction.commit()
+        monkeypatch.undo()
     append_feed(db_url, one_row(1_640_131_200, 2, 1))
     position = changelog.LogPosition.from_dict(read.attrs["log_position"])
     after = changelog.read_since(engine, position)
     engine.dispose()
-    assert len(read) == 3, "the uncommitted row is not in the read"
-    assert sorted(after.added.user_id.tolist()) == [2, 2] and len(after.removed) == 0, after
+    assert len(read) == 3, "the row committed during the read is not in the read"
+    assert sorted(after.added.post_id.tolist()) == [1, 2] and len(after.removed) == 0, after
 
 
 def test_a_worker_started_later_catches_up_from_the_model_files_position(tiny_model, tmp_path):
