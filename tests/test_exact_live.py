@@ -549,3 +549,38 @@ def test_a_worker_started_later_catches_up_from_the_model_files_position(tiny_mo
                 assert top not in recommended(client, user, format_time(when))
             answers = [recommended(c, user, format_time(when), limit=20) for c in (first, second)]
             assert answers[0] == answers[1], "two workers answer alike"
+
+
+def test_a_deleted_like_no_longer_counts_on_the_log(live, db_url, tiny_tables):  # noqa: F811
+    """Deletes are followed: a like merged from the log and then deleted leaves the history and the
+    exclusions; an insert and a delete between two cycles cancel out."""
+    _client, app, _settings = live
+    follow_the_log(app, db_url)
+    user = int(tiny_tables[0]["user_id"].iloc[3])
+    post, second, third = (int(p) for p in tiny_tables[1]["post_id"].iloc[:3])
+    moment = app.state.recommender.snapshot.end + 60
+    append_feed(db_url, pd.concat([one_row(moment, user, post), one_row(moment + 1, user, second)]))
+    assert refresh_once(app).feed_rows == 2
+    assert post in set(recommended_excluded(app, user))
+    engine = database.make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(
+            delete(Feed).where(Feed.user_id == user, Feed.post_id.in_([post, second]), Feed.action == "like")
+        )
+    engine.dispose()
+    append_feed(db_url, one_row(moment + 2, user, third))
+    engine = database.make_engine(db_url)
+    with engine.begin() as conn:  # inserted and deleted before the next cycle
+        conn.execute(delete(Feed).where(Feed.user_id == user, Feed.post_id == third))
+    engine.dispose()
+    report = refresh_once(app)
+    assert (report.feed_rows, report.removed_rows) == (0, 2), report
+    assert len(app.state.recommender.state.rows) == 0
+    assert post not in set(recommended_excluded(app, user)), "the deleted like still excludes its post"
+
+
+def recommended_excluded(app, user: int) -> list[int]:
+    """Post ids the state excludes for this user (liked before the far future)."""
+    state = app.state.recommender.state
+    rows = state.histories.likes.posts_before(state.user_row(user), 2**40)
+    return state.post_ids[rows].tolist()
