@@ -269,13 +269,11 @@ def union(seen: LogPosition, now: LogPosition) -> LogPosition:
 
 
 def _log_frame(conn: Connection, where: str, params: dict[str, Any]) -> pd.DataFrame:
-    query = text(
-        f"SELECT id, op, timestamp, user_id, post_id, action FROM {LOG_TABLE} WHERE {where} ORDER BY id"
-    )
-    frame = pd.DataFrame(
-        conn.execute(query, params).all(), columns=["id", "op", "timestamp", "user_id", "post_id", "action"]
-    )
-    return frame
+    columns = ["id", "op", "timestamp", "user_id", "post_id", "action"]
+    query = text(f"SELECT {', '.join(columns)} FROM {LOG_TABLE} WHERE {where} ORDER BY id")
+    # plain tuples: pandas probes each SQLAlchemy Row for fields it lacks, 30x slower
+    rows = [tuple(row) for row in conn.execute(query, params)]
+    return pd.DataFrame.from_records(rows, columns=columns)
 
 
 def _split(frame: pd.DataFrame) -> tuple[FeedRows, FeedRows]:

@@ -1,6 +1,7 @@
 """The live refresh at full scale: cost per cycle, the plan of its queries, and requests meanwhile.
 
     python -m bench.refresh [--json] [--cycles 20] [--rows 10000] [--seconds 30] [--path log|timestamps]
+    python -m bench.refresh --log-only [--json] [--cycles 20] [--rows 10000]
 
 Uses the bench's full demo and model (bench.harness builds them when missing) in a scratch copy of its
 PostgreSQL database (CREATE DATABASE ... TEMPLATE, then VACUUM ANALYZE as autovacuum would; dropped at
@@ -159,6 +160,78 @@ def follow_the_log(engine: Engine, follower: TableFollower) -> None:
     follower.path = "log"
 
 
+def log_reads(args: argparse.Namespace) -> dict[str, object]:
+    """--log-only: the change log's part of a cycle on the bench tables, without a model (the state's
+    rebuild is the same on both paths): changelog.read_since with no new rows and after --rows new
+    rows, the writer's COPY of those rows through the log's trigger, and the read's plan."""
+    from sqlalchemy import func, select
+
+    import changelog
+    import database
+    from table_feed import Feed
+    from table_post import Post
+    from table_user import User
+
+    table_counts = {}
+    url = scratch_copy(args.database_url, f"bench_refresh_{os.getpid()}")
+    engine = database.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            user_ids = np.array(conn.execute(select(User.user_id)).scalars().all())
+            post_ids = np.array(conn.execute(select(Post.post_id)).scalars().all())
+            around = int(
+                pd.Timestamp(conn.execute(select(func.max(Feed.timestamp))).scalar_one()).timestamp()
+            )
+            table_counts["feed_data"] = conn.execute(select(func.count()).select_from(Feed)).scalar_one()
+        changelog.install(engine)
+        with engine.connect() as conn:
+            position = changelog.current_position(conn)
+        rng = np.random.default_rng(0)
+
+        def timed_read() -> tuple[float, changelog.LogRead]:
+            clock = time.perf_counter()
+            read = changelog.read_since(engine, position)
+            return (time.perf_counter() - clock) * 1000, read
+
+        idle = []
+        for _ in range(args.cycles):
+            ms, read = timed_read()
+            idle.append(ms)
+            position = read.position
+        log(f"(1) log read, no new rows: median {np.median(idle):.2f} ms")
+        burst, writes = [], []
+        for _ in range(args.cycles):
+            rows = new_rows(rng, args.rows, around, user_ids, post_ids)
+            clock = time.perf_counter()
+            insert(engine, rows)
+            writes.append((time.perf_counter() - clock) * 1000)
+            ms, read = timed_read()
+            assert len(read.added) == args.rows, f"rows lost or doubled: {len(read.added)}"
+            burst.append(ms)
+            position = read.position
+        log(f"(2) log read of {args.rows} new rows: median {np.median(burst):.1f} ms")
+        log(f"    the writer's COPY of them (trigger included): median {np.median(writes):.1f} ms")
+
+        class _At:
+            log_position = position
+
+        plans = explain_log(engine, _At())  # type: ignore[arg-type]
+        for name, plan in plans.items():
+            log(f"(3) {name}:\n    " + "\n    ".join(plan))
+    finally:
+        engine.dispose()
+        drop_database(url)
+    return {
+        "path": "log (read only, no model)",
+        "feed_rows": table_counts["feed_data"],
+        "log_read_idle_ms": round(float(np.median(idle)), 2),
+        f"log_read_{args.rows}_rows_ms": round(float(np.median(burst)), 1),
+        f"copy_{args.rows}_rows_with_trigger_ms": round(float(np.median(writes)), 1),
+        "explain": plans,
+        "plans_read_feed_data": any("feed_data" in line for plan in plans.values() for line in plan),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.refresh", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -172,7 +245,15 @@ def main() -> None:
     parser.add_argument(
         "--path", choices=("log", "timestamps"), default="log", help="follow the change log or the timestamps"
     )
+    parser.add_argument(
+        "--log-only", action="store_true", help="time the change log's reads alone (no model needed)"
+    )
     args = parser.parse_args()
+    if args.log_only:
+        summary = log_reads(args)
+        if args.json:
+            print(json.dumps(summary))
+        return
 
     import database
     from get_model import load_model_file
