@@ -280,7 +280,9 @@ def ready(request: Request) -> HealthGet:
         db_state = "down"
     model = "loaded" if getattr(request.app.state, "recommender", None) else "absent"
     follower: TableFollower | None = getattr(request.app.state, "follower", None)
-    refresh = follower.health() if follower is not None and follower.attempts else None
+    refresh = (
+        follower.health(database_up=db_state == "up") if follower is not None and follower.attempts else None
+    )
     failing = refresh is not None and (
         refresh.consecutive_failures >= request.app.state.settings.refresh_failures_degraded
     )

@@ -112,14 +112,14 @@ class TableFollower:
         self.path = "timestamps"
         return self.path
 
-    def health(self) -> RefreshGet:
-        """The refresh as /health reports it."""
+    def health(self, *, database_up: bool = True) -> RefreshGet:
+        """The refresh as /health reports it (the lag only when the database answers: no second wait)."""
         when = None if self.last_success is None else datetime.fromtimestamp(self.last_success, UTC)
         return RefreshGet(
             last_success=None if when is None else when.isoformat(timespec="seconds"),
             consecutive_failures=self.failures,
             last_error=self.last_error,
-            lag_rows=self._lag(),
+            lag_rows=self._lag() if database_up else None,
         )
 
     def _lag(self) -> int | None:
