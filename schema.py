@@ -60,10 +60,13 @@ class LiveGet(BaseModel):
 
 
 class RefreshGet(BaseModel):
-    last_success: str | None = Field(description="when the last refresh cycle succeeded (UTC, ISO 8601)")
+    # optional fields: /health leaves out what is unknown (no success yet, no error, no change log)
+    last_success: str | None = Field(
+        None, description="when the last refresh cycle succeeded (UTC, ISO 8601)"
+    )
     consecutive_failures: int = Field(description="refresh cycles failed in a row since then")
-    last_error: str | None = Field(description="the last failed cycle's error")
-    lag_rows: int | None = Field(description="feed changes committed but not merged yet (change log only)")
+    last_error: str | None = Field(None, description="the last failed cycle's error")
+    lag_rows: int | None = Field(None, description="feed changes committed, not merged yet (change log only)")
 
 
 class HealthGet(BaseModel):
