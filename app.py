@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request
@@ -22,7 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import inspect, select, text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, SAWarning
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -79,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 app.state.engine, recommender, lookback_seconds=current.refresh_lookback_seconds
             )
             await asyncio.to_thread(load_posts, app)
+            await asyncio.to_thread(choose_refresh_path, app)
             refresher = asyncio.create_task(refresh_forever(app))
         try:
             yield
@@ -159,7 +162,10 @@ def load_posts(app: FastAPI) -> None:
     try:
         posts = get_features_table.read_table(app.state.engine, "post_text_df")
         with app.state.engine.connect() as conn:
-            if "ix_feed_data_timestamp" not in {ix["name"] for ix in inspect(conn).get_indexes("feed_data")}:
+            with warnings.catch_warnings():  # SQLite's expression index is not reflected, and says so
+                warnings.simplefilter("ignore", SAWarning)
+                indexes = {ix["name"] for ix in inspect(conn).get_indexes("feed_data")}
+            if "ix_feed_data_timestamp" not in indexes:
                 log.warning(
                     "feed_data has no index on timestamp: each refresh scans the table. "
                     "CREATE INDEX ix_feed_data_timestamp ON feed_data (timestamp)"
@@ -171,6 +177,15 @@ def load_posts(app: FastAPI) -> None:
     gone = int((~state.live).sum())
     if gone:
         log.warning("%d posts of the model are not in post_text_df: they are not recommended", gone)
+
+
+def choose_refresh_path(app: FastAPI) -> None:
+    """Change log or timestamps (refresh.TableFollower.choose_path), said at startup; with the database
+    down, the first cycle that reaches it chooses."""
+    try:
+        app.state.follower.choose_path()
+    except (OperationalError, DBAPIError) as exc:
+        log.warning("could not look for the feed's change log at startup (%s)", exc.__class__.__name__)
 
 
 def refresh_once(app: FastAPI) -> CycleReport:
@@ -187,7 +202,9 @@ async def refresh_forever(app: FastAPI) -> None:
             if report:
                 log.info("refresh: %s", report)
         except Exception as exc:  # a failed refresh must not stop the service; the next one retries
-            log.warning("refresh failed (%s); serving the previous state", exc.__class__.__name__)
+            log.warning(
+                "refresh failed (%s: %s); serving the previous state", exc.__class__.__name__, str(exc)[:200]
+            )
         await asyncio.sleep(interval)
 
 
@@ -220,10 +237,21 @@ def get_or_404(session: Session, table: type[Row], id: int) -> Row:
 
 def feed_rows(
     session: Session, column: InstrumentedAttribute, owner: type[Row], id: int, limit: int
-) -> list[Feed]:
-    """The newest `limit` feed rows with column == id; 404 when the user/post itself does not exist."""
-    query = select(Feed).where(column == id).order_by(Feed.timestamp.desc()).limit(limit)
-    rows = list(session.scalars(query).unique())
+) -> list[SimpleNamespace]:
+    """The newest `limit` feed rows with column == id, equal rows included (the table has no key: ORM
+    entities would merge rows of one identity); 404 when the user/post itself does not exist."""
+    query = (
+        select(Feed.timestamp, Feed.user_id, Feed.post_id, Feed.action, User, Post)
+        .join(User, User.user_id == Feed.user_id)
+        .join(Post, Post.post_id == Feed.post_id)
+        .where(column == id)
+        .order_by(Feed.timestamp.desc())
+        .limit(limit)
+    )
+    rows = [
+        SimpleNamespace(timestamp=when, user_id=user_id, post_id=post_id, action=action, user=user, post=post)
+        for when, user_id, post_id, action, user, post in session.execute(query)
+    ]
     if not rows:  # the existence check only when nothing came back
         get_or_404(session, owner, id)
     return rows
@@ -241,7 +269,7 @@ async def live() -> LiveGet:
     return LiveGet(status="alive")
 
 
-@get_route(health, "/health", response_model=HealthGet)
+@get_route(health, "/health", response_model=HealthGet, response_model_exclude_none=True)
 def ready(request: Request) -> HealthGet:
     """Readiness: whether the database answers and the model is loaded."""
     try:
@@ -251,7 +279,15 @@ def ready(request: Request) -> HealthGet:
     except Exception:  # any failure means "down" for the health report; it never raises
         db_state = "down"
     model = "loaded" if getattr(request.app.state, "recommender", None) else "absent"
-    return HealthGet(status="ok" if db_state == "up" else "degraded", database=db_state, model=model)
+    follower: TableFollower | None = getattr(request.app.state, "follower", None)
+    refresh = (
+        follower.health(database_up=db_state == "up") if follower is not None and follower.attempts else None
+    )
+    failing = refresh is not None and (
+        refresh.consecutive_failures >= request.app.state.settings.refresh_failures_degraded
+    )
+    status = "ok" if db_state == "up" and not failing else "degraded"
+    return HealthGet(status=status, database=db_state, model=model, refresh=refresh)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -272,13 +308,13 @@ def get_post(id: IdPath, session: SessionDep) -> Post:
 
 
 @get_route(tables, "/user/{id}/feed", response_model=list[FeedGet])
-def get_user_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[Feed]:
+def get_user_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[SimpleNamespace]:
     """The user's views and likes, newest first."""
     return feed_rows(session, Feed.user_id, User, id, limit)
 
 
 @get_route(tables, "/post/{id}/feed", response_model=list[FeedGet])
-def get_post_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[Feed]:
+def get_post_feed(id: IdPath, session: SessionDep, limit: FeedLimit = 10) -> list[SimpleNamespace]:
     """The post's views and likes, newest first."""
     return feed_rows(session, Feed.post_id, Post, id, limit)
 

@@ -51,7 +51,10 @@ def _sqlite_on_connect(dbapi_connection, _record) -> None:
 
 
 def _sqlite_on_begin(connection) -> None:
-    connection.exec_driver_sql("BEGIN")
+    # writers ask for BEGIN IMMEDIATE (execution option sqlite_begin): the write lock up front, waiting
+    # for another writer (busy timeout) instead of failing when they meet
+    mode = connection.get_execution_options().get("sqlite_begin", "")
+    connection.exec_driver_sql(f"BEGIN {mode}".strip())
 
 
 def is_postgres(engine: Engine) -> bool:

@@ -51,7 +51,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.schema import CreateIndex, CreateTable
+from sqlalchemy.schema import CreateTable
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import String
 from tqdm import tqdm
@@ -390,6 +390,8 @@ def _with_dtypes(chunk: pd.DataFrame, table: str) -> pd.DataFrame:
         dtype = spec[column]
         if dtype.startswith("datetime"):
             parsed = pd.to_datetime(chunk[column], format="ISO8601")
+            if getattr(parsed.dt, "tz", None) is not None:  # a timestamptz column (PostgreSQL): naive UTC
+                parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
             converted[column] = parsed.astype(dtype)
         else:
             converted[column] = chunk[column].astype(dtype)
@@ -402,14 +404,15 @@ def _empty_frame(table: str, names: list[str]) -> pd.DataFrame:
 
 
 def _postgres_chunks(
-    engine: Engine, stmt, table: str, names: list[str], chunksize: int
+    engine: Engine, stmt, table: str, names: list[str], chunksize: int, connection: Connection | None = None
 ) -> Iterator[pd.DataFrame]:
     """COPY (stmt) TO STDOUT into a pipe from a thread, parsed by pandas from the other end.
 
-    The server formats and pandas parses at the same time, and the pipe bounds the memory.
+    The server formats and pandas parses at the same time, and the pipe bounds the memory. With
+    `connection`, the COPY runs in that connection's transaction (and leaves the connection open).
     """
     try:
-        raw = engine.raw_connection()
+        raw = engine.raw_connection() if connection is None else connection.connection
     except engine.dialect.loaded_dbapi.Error as exc:  # raw_connection does not wrap a failed connect
         raise _as_sqlalchemy_error(exc, engine.dialect, "connect") from exc
     read_fd, write_fd = os.pipe()
@@ -459,7 +462,9 @@ def _postgres_chunks(
             writer.close()
         else:
             thread.join()
-        if complete and not failures:
+        if connection is not None:
+            pass  # the caller's connection: its transaction goes on (or is rolled back by the caller)
+        elif complete and not failures:
             raw.close()
         else:
             raw.invalidate()  # a COPY cut short leaves the connection unusable
@@ -467,8 +472,10 @@ def _postgres_chunks(
         raise _as_sqlalchemy_error(failures[0], engine.dialect, copy_sql.decode()) from failures[0]
 
 
-def _sqlite_chunks(engine: Engine, stmt, table: str, chunksize: int) -> Iterator[pd.DataFrame]:
-    with engine.connect() as conn:
+def _sqlite_chunks(
+    engine: Engine, stmt, table: str, chunksize: int, connection: Connection | None = None
+) -> Iterator[pd.DataFrame]:
+    with contextlib.nullcontext(connection) if connection is not None else engine.connect() as conn:
         try:
             for part in pd.read_sql(stmt, conn, chunksize=chunksize):
                 yield _with_dtypes(part, table)
@@ -486,15 +493,17 @@ def iter_table_chunks(
     columns: list[str] | None = None,
     where: ColumnElement[bool] | None = None,
     chunksize: int = READ_CHUNK_ROWS,
+    connection: Connection | None = None,
 ) -> Iterator[pd.DataFrame]:
-    """`table` (optionally some `columns`, rows matching `where`) as frames of at most `chunksize` rows."""
+    """`table` (optionally some `columns`, rows matching `where`) as frames of at most `chunksize` rows;
+    within `connection`'s transaction when given (a read consistent with other reads made there)."""
     if chunksize < 1:
         raise ValueError(f"chunksize must be at least 1, got {chunksize}")
     stmt, names = _select(table, columns, where)
     if database.is_postgres(engine):
-        yield from _postgres_chunks(engine, stmt, table, names, chunksize)
+        yield from _postgres_chunks(engine, stmt, table, names, chunksize, connection)
     else:
-        yield from _sqlite_chunks(engine, stmt, table, chunksize)
+        yield from _sqlite_chunks(engine, stmt, table, chunksize, connection)
 
 
 def read_table(
@@ -505,11 +514,15 @@ def read_table(
     where: ColumnElement[bool] | None = None,
     chunksize: int = READ_CHUNK_ROWS,
     progress: bool = False,
+    connection: Connection | None = None,
 ) -> pd.DataFrame:
     """The whole of `table` (or `columns`, rows matching `where`) with the dtypes of COLUMNS."""
     parts = []
+    chunks = iter_table_chunks(
+        engine, table, columns=columns, where=where, chunksize=chunksize, connection=connection
+    )
     with tqdm(desc=f"read {table}", unit=" rows", disable=not progress) as bar:
-        for part in iter_table_chunks(engine, table, columns=columns, where=where, chunksize=chunksize):
+        for part in chunks:
             parts.append(part)
             bar.update(len(part))
     names = list(_columns(table)) if columns is None else list(columns)
@@ -599,7 +612,9 @@ def _write(
 ) -> dict[str, int]:
     """Write already validated frames in one transaction; `frames` maps table name -> frame."""
     counts: dict[str, int] = {}
-    with engine.begin() as conn:
+    # SQLite: take the write lock at BEGIN; a deferred transaction that reads first and writes after
+    # fails at once (database is locked) when another writer committed meanwhile
+    with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
         feed = frames.get("feed_data")
         if feed is not None:
             if check_references:
@@ -632,7 +647,7 @@ def _write(
                 _load_rows(conn, table, frames[name], bar)
             if replace:
                 for index in sorted(table.indexes, key=lambda ix: ix.name or ""):
-                    conn.execute(CreateIndex(index))
+                    index.create(conn)  # (not CreateIndex: a dialect-only index, ddl_if, is skipped)
             if database.is_postgres(engine):
                 conn.exec_driver_sql(f"ANALYZE {conn.dialect.identifier_preparer.quote(name)}")
             counts[name] = len(frames[name])

@@ -53,6 +53,9 @@ class FeedSnapshot:
     feed_rows: int  # rows of feed_data the training read
     users: UserFeatures  # static features of every user of the training tables
     histories: Histories  # their events, user rows as in `users`
+    # where the training read stood in the feed's change log (changelog.LogPosition.to_dict), None
+    # without a log: a service starts following the log exactly there
+    log_position: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ class ModelFile:
                 "user_categorical": _tensor(snapshot.users.categorical),
                 "user_numeric": _tensor(snapshot.users.numeric),
                 **{f"history_{k}": _tensor(v) for k, v in snapshot.histories.to_arrays().items()},
+                **({} if snapshot.log_position is None else {"log_position": snapshot.log_position}),
             },
         }
 
@@ -180,6 +184,7 @@ class ModelFile:
                         *(saved[k].numpy() for k in ("user_ids", "user_categorical", "user_numeric"))
                     ),
                     histories=Histories.from_arrays(arrays),
+                    log_position=saved.get("log_position"),  # absent in files written before the log
                 ),
                 created=payload["created"],
             )

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from sqlalchemy import delete, insert, inspect, select
 from sqlalchemy.exc import DBAPIError
 
+import changelog
 import database
 import demo_data
 import get_features_table
@@ -100,6 +101,7 @@ def make_demo_data(settings: Settings, *, scale: str | None = None, progress: bo
         counts = get_features_table.write_tables(
             engine, users=demo.users, posts=demo.posts, feed=demo.feed, progress=progress
         )
+        changelog.install(engine)  # the service follows the feed through it (refresh.py)
     finally:
         engine.dispose()
     demo.truth.save(settings.ground_truth_path)
@@ -128,14 +130,35 @@ def load_tables(
         missing = [name for name in TABLES if name not in existing]
         if missing:
             raise NoDataError(f"{where} has no table {', '.join(missing)}: {fix}")
-        users, posts, feed = (
-            get_features_table.read_table(engine, name, progress=progress) for name in TABLES
-        )
+        users, posts = (get_features_table.read_table(engine, name, progress=progress) for name in TABLES[:2])
+        feed = changelog.read_feed(engine, progress=progress)  # with its position in the change log
     finally:
         engine.dispose()
     if feed.empty or users.empty or posts.empty:
         raise NoDataError(f"the tables in {where} are empty: {fix}")
-    return users, posts, feed
+    return users, posts, drop_future_rows(feed, now=time.time())
+
+
+FUTURE_HORIZON_SECONDS = 86_400  # a feed row dated more than a day past the clock is a wrong clock
+
+
+def drop_future_rows(feed: pd.DataFrame, *, now: float) -> pd.DataFrame:
+    """The feed without rows dated after the clock (plus FUTURE_HORIZON_SECONDS), with a warning that
+    counts them: one row from a writer with a wrong clock would make the snapshot end years ahead (every
+    real row then late) and leave the evaluation windows empty (NaN metrics)."""
+    ahead = to_seconds(feed["timestamp"]) > now + FUTURE_HORIZON_SECONDS
+    if not ahead.any():
+        return feed
+    latest = format_time(int(to_seconds(feed["timestamp"][ahead]).max()))
+    log.warning(
+        "feed_data: %d rows dated after the clock (the latest %s) are left out of training; fix their "
+        "timestamps and retrain to use them",
+        int(ahead.sum()),
+        latest,
+    )
+    kept = feed[~ahead].reset_index(drop=True)
+    kept.attrs = dict(feed.attrs)  # the change log position the rows were read at
+    return kept
 
 
 def load_truth(settings: Settings) -> demo_data.GroundTruth | None:
@@ -397,7 +420,12 @@ def build_model_file(
         metrics=metrics,
         history=history,
         snapshot=FeedSnapshot(
-            start=data.start, end=end, feed_rows=len(feed), users=data.users, histories=histories
+            start=data.start,
+            end=end,
+            feed_rows=len(feed),
+            users=data.users,
+            histories=histories,
+            log_position=feed.attrs.get("log_position"),
         ),
     )
 
@@ -522,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
     csv.add_argument("--feed", type=Path, required=True, help="feed_data CSV")
     csv.set_defaults(run=run_import_csv)
 
+    change_log = commands.add_parser(
+        "change-log",
+        help="create the feed's change log (a table and triggers on feed_data) the service follows exactly",
+    )
+    change_log.set_defaults(run=run_change_log)
+
     embed = commands.add_parser(
         "embed", help="embed the post texts with TEXT_ENCODER (cached in EMBED_CACHE_DIR)"
     )
@@ -595,7 +629,24 @@ def run_demo_data(settings: Settings, args: argparse.Namespace, progress: bool) 
 def run_import_csv(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
     engine = database.make_engine(settings.db_url)
     counts = get_features_table.import_csv(engine, users=args.users, posts=args.posts, feed=args.feed)
+    changelog.install(engine)  # the service follows the feed through it (refresh.py)
     print(f"imported {counts}")
+    return 0
+
+
+def run_change_log(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    engine = database.make_engine(settings.db_url)
+    try:
+        created = changelog.install(engine)
+    finally:
+        engine.dispose()
+    if created:
+        print(
+            f"change log {changelog.LOG_TABLE} and its triggers on feed_data created; retrain "
+            "(`python main_script.py`) so that the model file records its position in it"
+        )
+    else:
+        print(f"change log {changelog.LOG_TABLE} already in place")
     return 0
 
 

@@ -28,15 +28,19 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import ColumnElement, Engine, func, inspect, select
+from sqlalchemy import ColumnElement, Engine, Integer, cast, func, inspect, select
+from sqlalchemy.exc import DBAPIError, OperationalError
 
+import changelog
 import get_features_table
+from changelog import LogPosition
+from schema import RefreshGet
 from serving import FUTURE_TOLERANCE_SECONDS, Changes, FeedRows, Recommender, ServingState, latest_plausible
 from table_feed import Feed
 from table_post import Post
 from table_post_embedding import PostEmbedding, clean_text, text_key
 from table_user import User
-from times import DAY_SECONDS, to_seconds
+from times import DAY_SECONDS, format_time, to_seconds
 
 IN_CHUNK = 1000  # ids per `IN (...)` list
 log = logging.getLogger("recommender")
@@ -52,6 +56,7 @@ class CycleReport:
     posts: int = 0  # posts added to the item matrix
     waiting_posts: int = 0  # posts in post_text_df still without an embedding
     window_read: bool = False  # whether the lookback window's rows were read (its count had moved)
+    removed_rows: int = 0  # merged rows found deleted from the table
 
     def __bool__(self) -> bool:
         return bool(self.feed_rows or self.users or self.posts)
@@ -68,14 +73,79 @@ class TableFollower:
         in_window = np.flatnonzero(history.ev_time >= self.watermark - self.lookback)
         self.window = _snapshot_rows(recommender, in_window)  # rows held in the lookback window
         first_day = snapshot.start // DAY_SECONDS
-        self.first_day = first_day
+        self.first_day = first_day  # the snapshot's first day: snapshot_days[0]
         self.snapshot_days = np.bincount(history.ev_time // DAY_SECONDS - first_day)  # rows per day
+        self.snapshot_day_seconds = np.bincount(  # sum of the rows' seconds per day: the day's signature
+            history.ev_time // DAY_SECONDS - first_day, weights=history.ev_time % DAY_SECONDS
+        )
+        self.audit_floor = first_day  # the table's first day (rows may predate the snapshot's first day)
         self.audit_day: int | None = None
         self.absent_users: set[int] = set()  # named by feed rows, not in user_data at the last look
+        self.sqlite = engine.dialect.name == "sqlite"
+        self.attempts, self.failures = 0, 0  # cycles tried; failed in a row
+        self.last_success: float | None = None
+        self.last_error: str | None = None
+        self.log_position: LogPosition | None = None  # following the change log from here, when set
+        self.path: str | None = None  # "log" or "timestamps", chosen at the first look (choose_path)
+
+    def choose_path(self) -> str:
+        """The change log when it is installed and the model file holds a position in this very log
+        (exact: every committed row once); else the timestamps, with a warning saying why."""
+        if self.path is not None:
+            return self.path
+        token = changelog.token_of(self.engine)
+        saved = self.recommender.snapshot.log_position
+        if token is not None and saved is not None and saved["token"] == token:
+            self.log_position, self.path = LogPosition.from_dict(saved), "log"
+            log.info("refresh: following the feed's change log from the model file's position")
+            return self.path
+        why = (
+            "the database has no change log (`python main_script.py change-log` installs it)"
+            if token is None
+            else "the model file holds no position in this database's change log (retrain to get one)"
+        )
+        log.warning(
+            "refresh: %s: following feed_data by timestamp (a window of REFRESH_LOOKBACK_SECONDS and a "
+            "day-by-day audit: rows committed later than that arrive late)",
+            why,
+        )
+        self.path = "timestamps"
+        return self.path
+
+    def health(self, *, database_up: bool = True) -> RefreshGet:
+        """The refresh as /health reports it (the lag only when the database answers: no second wait)."""
+        when = None if self.last_success is None else datetime.fromtimestamp(self.last_success, UTC)
+        return RefreshGet(
+            last_success=None if when is None else when.isoformat(timespec="seconds"),
+            consecutive_failures=self.failures,
+            last_error=self.last_error,
+            lag_rows=self._lag() if database_up else None,
+        )
+
+    def _lag(self) -> int | None:
+        """Log rows committed and not merged yet; None on the timestamp path or with the database down."""
+        if self.path != "log" or self.log_position is None:
+            return None
+        try:
+            return changelog.count_since(self.engine, self.log_position)
+        except (OperationalError, DBAPIError):
+            return None
 
     # --- one cycle ---
 
     def cycle(self) -> CycleReport:
+        """One look at the tables; counts failures in a row for /health (the exception goes on)."""
+        self.attempts += 1
+        try:
+            report = self._cycle()
+        except Exception as exc:
+            self.failures += 1
+            self.last_error = f"{exc.__class__.__name__}: {str(exc)[:300]}"
+            raise
+        self.failures, self.last_success = 0, time.time()
+        return report
+
+    def _cycle(self) -> CycleReport:
         """One look at the tables. Its bookkeeping (watermark, window, audit day) moves on only once the
         recommender took the changes: a cycle that fails half way leaves it as it was, for the next."""
         report = CycleReport()
@@ -84,60 +154,119 @@ class TableFollower:
             post_ids = np.array(conn.execute(select(Post.post_id)).scalars().all(), dtype=np.int64)
         texts = self._posts(state.texts_missing()) if len(state.texts_missing()) else None
         new_posts, report.waiting_posts = self._new_posts(state, post_ids)
-        fresh, watermark, window = self._window_rows(report)
-        late, audit_day = self._late_rows(state.rows.concat(fresh), watermark, report)
-        rows = fresh.concat(late)
-        new_users, absent = self._new_users(state, state.rows.concat(rows), rows)
-        changes = Changes(rows=rows, users=new_users, posts=new_posts, texts=texts, live_post_ids=post_ids)
+        if self.choose_path() == "log":
+            read = changelog.read_since(self.engine, self.log_position)
+            rows, removed = read.added.without(read.removed), read.removed.without(read.added)
+            merged = state.rows.without(removed).concat(rows)
+            watermark, window, audit_day, floor = (
+                self.watermark,
+                self.window,
+                self.audit_day,
+                self.audit_floor,
+            )
+        else:
+            fresh, gone, watermark, window = self._window_rows(report)
+            merged = state.rows.without(gone).concat(fresh)
+            late, gone_late, audit_day, floor = self._late_rows(merged, watermark, report)
+            rows, removed = fresh.concat(late), gone.concat(gone_late)
+            merged = merged.concat(late)
+        held = len(state.rows) - len(state.rows.without(removed))  # of the merged rows
+        unheld = len(removed) - held
+        if unheld:
+            log.warning(
+                "refresh: %d deleted feed rows are in the model's snapshot: they count until the next "
+                "training",
+                unheld,
+            )
+        new_users, absent = self._new_users(state, merged, rows)
+        changes = Changes(
+            rows=rows, removed=removed, users=new_users, posts=new_posts, texts=texts, live_post_ids=post_ids
+        )
         self.recommender.apply(changes)
         self.watermark, self.window, self.audit_day, self.absent_users = watermark, window, audit_day, absent
+        self.audit_floor = floor
+        if self.path == "log":
+            self.log_position = read.position
+        report.removed_rows = held
         report.feed_rows, report.posts = len(rows), 0 if new_posts is None else len(new_posts)
         report.users = 0 if new_users is None else len(new_users)
         return report
 
-    def _window_rows(self, report: CycleReport) -> tuple[FeedRows, int, FeedRows]:
-        """(new rows of the lookback window, the watermark after them, the rows then held in the
-        window); the window is read only when its count moved. A row dated beyond the clock (plus a
-        day) is merged but does not move the watermark: one wrong clock must not age every other row."""
+    def _window_rows(self, report: CycleReport) -> tuple[FeedRows, FeedRows, int, FeedRows]:
+        """(new rows of the lookback window, rows deleted from it, the watermark after them, the rows
+        then held in the window); the window is read only when its signature (count and sum of seconds:
+        a delete plus an insert moves the sum) moved. A row dated beyond the clock (plus a day) is merged
+        but does not move the watermark: one wrong clock must not age every other row."""
         since = self.watermark - self.lookback
-        with self.engine.connect() as conn:
-            held = conn.execute(select(func.count()).select_from(Feed).where(Feed.timestamp >= _time(since)))
-        if held.scalar_one() == len(self.window):
-            return FeedRows.empty(), self.watermark, self.window
+        in_window = self._at_or_after(since)
+        if self._signature(in_window, since) == _signature(self.window, since):
+            return FeedRows.empty(), FeedRows.empty(), self.watermark, self.window
         report.window_read = True
-        fresh = unseen(self._read_feed(Feed.timestamp >= _time(since)), self.window)
+        table = self._read_feed(in_window)
+        fresh, gone = unseen(table, self.window), unseen(self.window, table)
         ahead = int((fresh.seconds > time.time() + FUTURE_TOLERANCE_SECONDS).sum())
         if ahead:
             log.warning("refresh: %d feed rows dated after the clock: merged, the watermark stays", ahead)
         watermark = max(self.watermark, latest_plausible(fresh.seconds))
-        window = self.window.concat(fresh)
-        return fresh, watermark, window.select(window.seconds >= watermark - self.lookback)
+        return fresh, gone, watermark, table.select(table.seconds >= watermark - self.lookback)
+
+    def _at_or_after(self, seconds: int) -> ColumnElement[bool]:
+        """feed_data.timestamp >= seconds, compared as times: SQLite stores text, and a row written as
+        '2021-12-20T10:00:00' or '2021-12-20 10:00:00' must land where its time says (datetime()
+        normalises both; the expression index ix_feed_data_sqlite_time serves it)."""
+        if self.sqlite:
+            return func.datetime(Feed.timestamp) >= format_time(seconds)
+        return Feed.timestamp >= _time(seconds)
+
+    def _before(self, seconds: int) -> ColumnElement[bool]:
+        if self.sqlite:
+            return func.datetime(Feed.timestamp) < format_time(seconds)
+        return Feed.timestamp < _time(seconds)
+
+    def _signature(self, where: ColumnElement[bool], origin: int) -> tuple[int, int]:
+        """(rows, sum of their seconds after `origin`) of the feed rows matching `where`."""
+        if self.sqlite:
+            seconds = cast(func.strftime("%s", func.datetime(Feed.timestamp)), Integer)
+        else:
+            seconds = cast(func.extract("epoch", Feed.timestamp), Integer)
+        query = select(func.count(), func.coalesce(func.sum(seconds - origin), 0)).where(where)
+        with self.engine.connect() as conn:
+            count, total = conn.execute(query).one()
+        return int(count), int(total)
 
     def _late_rows(
         self, merged: FeedRows, watermark: int, report: CycleReport
-    ) -> tuple[FeedRows, int | None]:
-        """(rows of one day before the lookback window that the service lacks, the next day to audit):
-        days in rotation, newest first; `merged` = every row merged since the snapshot, this cycle's
-        included."""
-        last_day = (watermark - self.lookback) // DAY_SECONDS - 1  # whole days before the window
-        if last_day < self.first_day:
-            return FeedRows.empty(), self.audit_day
-        day = last_day if self.audit_day is None or self.audit_day < self.first_day else self.audit_day
+    ) -> tuple[FeedRows, FeedRows, int | None, int]:
+        """(rows of one day the service lacks, rows of it deleted, the next day to audit, the first day
+        of the table): days in rotation, newest first, from the day where the lookback window starts
+        (whole: rows earlier that day are in no window) back to the table's first day; `merged` = every
+        row merged since the snapshot, this cycle's included."""
+        last_day = (watermark - self.lookback) // DAY_SECONDS  # the window starts within this day
+        floor = self.audit_floor
+        if self.audit_day is None or self.audit_day < floor:  # a new rotation: where does the table start
+            floor = min(self.first_day, self._first_day())
+        if last_day < floor:
+            return FeedRows.empty(), FeedRows.empty(), self.audit_day, floor
+        day = last_day if self.audit_day is None or self.audit_day < floor else min(self.audit_day, last_day)
         start, end = day * DAY_SECONDS, (day + 1) * DAY_SECONDS
-        day_rows = (Feed.timestamp >= _time(start)) & (Feed.timestamp < _time(end))
-        with self.engine.connect() as conn:
-            stored = conn.execute(select(func.count()).select_from(Feed).where(day_rows)).scalar_one()
+        day_rows = self._at_or_after(start) & self._before(end)
+        stored = self._signature(day_rows, start)
         offset = day - self.first_day
-        held = int(self.snapshot_days[offset]) if 0 <= offset < len(self.snapshot_days) else 0
+        inside = 0 <= offset < len(self.snapshot_days)
         in_day = (merged.seconds >= start) & (merged.seconds < end)
-        held += int(in_day.sum())
-        if stored <= held:
-            return FeedRows.empty(), day - 1
+        held = (
+            (int(self.snapshot_days[offset]) if inside else 0) + int(in_day.sum()),
+            (int(self.snapshot_day_seconds[offset]) if inside else 0)
+            + int((merged.seconds[in_day] - start).sum()),
+        )
+        if stored == held:
+            return FeedRows.empty(), FeedRows.empty(), day - 1, floor
         history = self.recommender.snapshot.histories
         known = _snapshot_rows(
             self.recommender, np.flatnonzero((history.ev_time >= start) & (history.ev_time < end))
-        )
-        late = unseen(self._read_feed(day_rows), known.concat(merged.select(in_day)))
+        ).concat(merged.select(in_day))
+        table = self._read_feed(day_rows)
+        late, gone = unseen(table, known), unseen(known, table)
         if len(late):
             log.warning(
                 "refresh: %d feed rows of %s arrived after the lookback window (%d s): merged now; "
@@ -147,7 +276,16 @@ class TableFollower:
                 self.lookback,
             )
         report.late_rows = len(late)
-        return late, day - 1
+        return late, gone, day - 1, floor
+
+    def _first_day(self) -> int:
+        """The day of the table's earliest row (on the timestamp index); the snapshot's when empty."""
+        column = func.min(func.datetime(Feed.timestamp)) if self.sqlite else func.min(Feed.timestamp)
+        with self.engine.connect() as conn:
+            first = conn.execute(select(column)).scalar_one()
+        if first is None:
+            return self.first_day
+        return int(to_seconds(pd.to_datetime(pd.Series([first]), format="ISO8601"))[0]) // DAY_SECONDS
 
     def _read_feed(self, where: ColumnElement[bool]) -> FeedRows:
         frame = get_features_table.read_table(
@@ -242,6 +380,11 @@ def unseen(fetched: FeedRows, held: FeedRows) -> FeedRows:
     extra = extra[extra > 0]
     rows = extra.index.to_frame(index=False)
     return FeedRows.from_frame(rows.loc[rows.index.repeat(extra.to_numpy())].sort_values(keys))
+
+
+def _signature(rows: FeedRows, origin: int) -> tuple[int, int]:
+    """What _signature counts in the table, of rows held in memory."""
+    return len(rows), int((rows.seconds - origin).sum())
 
 
 def _snapshot_rows(recommender: Recommender, events: np.ndarray) -> FeedRows:

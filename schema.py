@@ -59,10 +59,24 @@ class LiveGet(BaseModel):
     status: str = Field(description="'alive' whenever the process answers", examples=["alive"])
 
 
+class RefreshGet(BaseModel):
+    # optional fields: /health leaves out what is unknown (no success yet, no error, no change log)
+    last_success: str | None = Field(
+        None, description="when the last refresh cycle succeeded (UTC, ISO 8601)"
+    )
+    consecutive_failures: int = Field(description="refresh cycles failed in a row since then")
+    last_error: str | None = Field(None, description="the last failed cycle's error")
+    lag_rows: int | None = Field(None, description="feed changes committed, not merged yet (change log only)")
+
+
 class HealthGet(BaseModel):
-    status: str = Field(description="'ok' when the database answers, 'degraded' when it does not")
+    status: str = Field(
+        description="'ok' when the database answers and the refresh follows, 'degraded' when the database"
+        " does not answer or REFRESH_FAILURES_DEGRADED refresh cycles in a row failed"
+    )
     database: str = Field(description="'up' or 'down'")
     model: str = Field(description="'loaded' or 'absent'")
+    refresh: RefreshGet | None = Field(None, description="the refresh of the tables, once a cycle ran")
 
 
 class ErrorGet(BaseModel):

@@ -80,6 +80,17 @@ class FeedRows:
     def select(self, keep: np.ndarray) -> FeedRows:
         return FeedRows(*(getattr(self, name)[keep] for name in _COLUMNS))
 
+    def without(self, gone: FeedRows) -> FeedRows:
+        """These rows less `gone` (a multiset difference: each row of `gone` takes away one equal row)."""
+        if not len(gone) or not len(self):
+            return self
+        keys = list(_COLUMNS)
+        frame = self.to_frame()
+        nth = frame.groupby(keys, sort=False).cumcount().to_numpy()  # 0, 1, ... among equal rows
+        drop = gone.to_frame().value_counts(keys).rename("drop")
+        limit = frame.join(drop, on=keys)["drop"].fillna(0).to_numpy()
+        return self.select(nth >= limit)
+
 
 _COLUMNS = ("seconds", "user_id", "post_id", "is_like")
 _DTYPES = (np.int64, np.int64, np.int64, bool)
@@ -90,6 +101,8 @@ class Changes:
     """What one refresh read from the tables; every part may be empty."""
 
     rows: FeedRows = dataclasses.field(default_factory=FeedRows.empty)  # feed rows not merged before
+    removed: FeedRows = dataclasses.field(default_factory=FeedRows.empty)  # rows deleted from the table
+    # (those merged since the snapshot leave the delta; the snapshot's own wait for the next training)
     users: pd.DataFrame | None = None  # user_data rows of users the state lacks
     posts: pd.DataFrame | None = None  # new posts: post_id, text, topic, vector (raw text embedding)
     texts: pd.DataFrame | None = None  # post_id, text, topic of known posts (their response JSON)
@@ -109,6 +122,7 @@ class Snapshot:
     likes: np.ndarray
     recent: np.ndarray  # int32: the snapshot's events of its last RECENT_DAYS, in time order (indices
     # into histories): the recent-window statistics at any later time
+    log_position: dict[str, Any] | None = None  # where the training read stood in the change log
 
     @classmethod
     def of(cls, saved: FeedSnapshot, n_posts: int) -> Snapshot:
@@ -127,6 +141,7 @@ class Snapshot:
             views=views,
             likes=likes,
             recent=recent[np.argsort(histories.ev_time[recent], kind="stable")],
+            log_position=saved.log_position,
         )
 
 
@@ -188,6 +203,8 @@ class ExactSearch:
         scores[excluded] = -np.inf
         best = torch.topk(torch.from_numpy(scores), min(k, len(scores))).indices.numpy()
         best = best[np.isfinite(scores[best])]
+        if len(best) == k:  # topk picks among rows tied at the cut arbitrarily: hand them all back, so
+            best = np.flatnonzero(scores >= scores[best].min())  # the caller's order (post id) decides
         return best, scores[best]
 
 
@@ -312,7 +329,7 @@ class Recommender:
         histories = state.histories if histories is None else histories
         excluded = np.concatenate([histories.likes.posts_before(user_row, time), state.gone])
         rows, scores = state.search.top(query, limit, excluded)
-        return rows[np.lexsort((state.post_ids[rows], -scores))]
+        return rows[np.lexsort((state.post_ids[rows], -scores))][:limit]  # ties: the lower post id
 
     def scores(
         self,
@@ -367,12 +384,13 @@ class Recommender:
             if changes.users is not None and len(changes.users):
                 users = _concat_users(users, user_features(changes.users, self.vocabs, self.age_scaler))
                 user_index = _index(users.user_ids)
-            rows = state.rows.concat(changes.rows)
+            kept = state.rows.without(changes.removed)
+            rows = kept.concat(changes.rows)
             histories, stats_time, ranking_matrix = state.histories, state.stats_time, state.ranking_matrix
             grown = len(posts["post_ids"]) > len(state.post_ids) or len(users.user_ids) > len(
                 state.users.user_ids
             )
-            if len(changes.rows) or grown:
+            if len(changes.rows) or len(kept) < len(state.rows) or grown:
                 delta = _delta_histories(rows, user_index, len(users.user_ids), posts["post_index"])
                 histories = LayeredHistories(self.snapshot.histories, delta)
                 stats_time = max(state.stats_time, latest_plausible(rows.seconds) + 1)

@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     refresh_seconds: float = Field(30.0, ge=0)  # how often the service follows its tables (0 = never)
     refresh_lookback_seconds: int = Field(7200, ge=0)  # how late a feed row may arrive and still be read
     # within one refresh (older ones come later, through the day-by-day audit)
+    refresh_failures_degraded: int = Field(5, ge=1)  # /health says degraded after this many refresh
+    # cycles failed in a row (a refresh that keeps failing must show)
     ranking: Literal[RANKINGS] = "likes"  # likes: the calibrated like probability (what a user will like);
     # logged: + the exposure terms (what the old feed showed too: hits among logged likes)
     torch_threads: int = Field(1, ge=1)  # intra-op threads per service worker

@@ -9,7 +9,7 @@ lets the service's refresh read the rows of a recent window without a scan.
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, Index, Integer, String
+from sqlalchemy import DateTime, Index, Integer, String, func
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from database import Base
@@ -41,3 +41,9 @@ class Feed(Base):
     )
 
     __mapper_args__ = {"primary_key": [timestamp, user_id, post_id, action]}  # noqa: RUF012
+
+
+# SQLite stores timestamps as text, in whatever form a writer used ('2021-12-20 10:00:00.000000' from
+# SQLAlchemy, '2021-12-20 10:00:00' from Python's sqlite3, '2021-12-20T10:00:00'); the refresh compares
+# datetime(timestamp), which is one form, and this index serves those comparisons.
+Index("ix_feed_data_sqlite_time", func.datetime(Feed.__table__.c.timestamp)).ddl_if(dialect="sqlite")

@@ -184,7 +184,8 @@ def test_rows_older_than_the_lookback_are_merged_and_logged(live, db_url, tiny_t
     user = int(tiny_tables[2]["user_id"].iloc[-1])
     when = format_time(follower.watermark + DAY_SECONDS)
     top = recommended(client, user, when, limit=5)[0]
-    day_before_window = follower.watermark - 600 - DAY_SECONDS  # in the first day the audit counts
+    # in the first day the audit counts: the day where the window starts, before the window
+    day_before_window = (follower.watermark - 600) // DAY_SECONDS * DAY_SECONDS + 1
     append_feed(
         db_url,
         feed_rows(
