@@ -28,6 +28,7 @@ import torch.distributed as dist
 from sqlalchemy import delete, insert, inspect, select
 from sqlalchemy.exc import DBAPIError
 
+import data_contract
 import database
 import demo_data
 import get_features_table
@@ -512,10 +513,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--if-missing", action="store_true", help="do nothing when the feed table has rows")
     demo.set_defaults(run=run_demo_data)
 
-    csv = commands.add_parser("import-csv", help="load your own three tables from CSV (one transaction)")
+    csv = commands.add_parser(
+        "import-csv",
+        help="load your own three tables from CSV (one transaction)",
+        description="Load user_data, post_text_df and feed_data from CSV files into DATABASE_URL. Every file"
+        " is checked first (columns, types, allowed values, NULLs, duplicate ids, feed rows naming unknown"
+        " users or posts) and the load is one transaction: a bad file changes nothing.",
+        epilog=data_contract.contract_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     csv.add_argument("--users", type=Path, required=True, help="user_data CSV")
     csv.add_argument("--posts", type=Path, required=True, help="post_text_df CSV")
     csv.add_argument("--feed", type=Path, required=True, help="feed_data CSV")
+    csv.add_argument(
+        "--replace", action="store_true", help="drop the tables when they already hold rows (refused without)"
+    )
     csv.set_defaults(run=run_import_csv)
 
     embed = commands.add_parser(
@@ -590,7 +602,9 @@ def run_demo_data(settings: Settings, args: argparse.Namespace, progress: bool) 
 
 def run_import_csv(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
     engine = database.make_engine(settings.db_url)
-    counts = get_features_table.import_csv(engine, users=args.users, posts=args.posts, feed=args.feed)
+    counts = get_features_table.import_csv(
+        engine, users=args.users, posts=args.posts, feed=args.feed, replace=args.replace, progress=progress
+    )
     print(f"imported {counts}")
     return 0
 
@@ -648,7 +662,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(Settings(), args, not args.quiet)
-    except (get_features_table.TableValidationError, ModelFileError, FileNotFoundError, NoDataError) as exc:
+    except (
+        get_features_table.TableValidationError,
+        get_features_table.TablesHoldRowsError,
+        ModelFileError,
+        FileNotFoundError,
+        NoDataError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
