@@ -34,7 +34,17 @@ import demo_data
 import get_features_table
 import get_model
 from evaluate import METRIC_KEYS, ONLINE_K, calibrate, evaluate_model, validation_score
-from features import POST_STAT_NAMES, USER_CATEGORICALS, Dataset, UserFeatures, build_dataset
+from features import (
+    POST_STAT_NAMES,
+    USER_CATEGORICALS,
+    Dataset,
+    NotEnoughDataError,
+    UserFeatures,
+    build_dataset,
+    split_windows,
+    thin_windows,
+)
+from fingerprint import tables_fingerprint
 from get_features_table import TABLES
 from get_model import FeedSnapshot, ModelFile, ModelFileError, save_model_file
 from get_post_embeddings import embed_posts, encoder_key, resolve_encoder
@@ -103,7 +113,8 @@ def make_demo_data(settings: Settings, *, scale: str | None = None, progress: bo
         )
     finally:
         engine.dispose()
-    demo.truth.save(settings.ground_truth_path)
+    if settings.ground_truth_path is not None:  # GROUND_TRUTH_PATH= (empty): no truth file
+        demo.truth.save(settings.ground_truth_path)
     return counts
 
 
@@ -139,11 +150,23 @@ def load_tables(
     return users, posts, feed
 
 
-def load_truth(settings: Settings) -> demo_data.GroundTruth | None:
-    """The demo generator's truth when it sits beside the database, else None (no oracle)."""
-    if not settings.ground_truth_path.is_file():
+def load_truth(
+    settings: Settings, tables: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
+) -> demo_data.GroundTruth | None:
+    """The demo generator's truth when its file exists and was generated with these very tables, else
+    None (no oracle, no online value): a truth file left by the demo never judges other data."""
+    path = settings.ground_truth_path
+    if path is None or not path.is_file():
         return None
-    return demo_data.GroundTruth.load(settings.ground_truth_path)
+    truth = demo_data.GroundTruth.load(path)
+    if truth.tables != tables_fingerprint(*tables):
+        log.warning(
+            "note: %s is the demo generator's truth of other tables: ignored (no oracle, no online value); "
+            "set GROUND_TRUTH_PATH= (empty) to silence this",
+            path,
+        )
+        return None
+    return truth
 
 
 def embed_stage(settings: Settings, posts: pd.DataFrame, *, progress: bool = True) -> np.ndarray:
@@ -292,6 +315,8 @@ def train_stage(
     clock = time.perf_counter()
     users, posts, feed = tables if tables is not None else load_tables(settings, progress=progress)
     seconds["load"] = time.perf_counter() - clock
+    # Too short a feed for TEST_DAYS + VAL_DAYS stops here, with one line, before minutes of embedding.
+    split_windows(feed, test_days=settings.test_days, val_days=settings.val_days)
 
     clock = time.perf_counter()
     rank, _ = world()
@@ -311,6 +336,8 @@ def train_stage(
     clock = time.perf_counter()
     data = make_dataset(settings, users, posts, feed)
     seconds["features"] = time.perf_counter() - clock
+    for warning in thin_windows(data) if rank == 0 else []:
+        log.warning("warning: %s", warning)
 
     model = new_model(settings, data, codes, use_history=use_history, use_text=use_text)
     clock = time.perf_counter()
@@ -330,7 +357,7 @@ def train_stage(
         metrics = evaluate_model(
             model,
             data,
-            truth=load_truth(settings),
+            truth=load_truth(settings, (users, posts, feed)),
             feed=feed,
             ranking=settings.ranking,
             seed=settings.seed,
@@ -399,16 +426,23 @@ def build_model_file(
     )
 
 
-def write_history(history: list[dict[str, float]], out_dir: Path) -> list[Path]:
-    """Per-epoch history as CSV, JSON and a PNG plot of loss, ROC-AUC and accuracy."""
+def history_paths(model_path: Path) -> tuple[Path, Path, Path]:
+    """The history files of a model file, beside it and named after it (data/model.pt ->
+    data/model.history.csv, .json, .png): a run with another MODEL_PATH never overwrites them."""
+    stem = model_path.with_suffix("")
+    return tuple(stem.with_name(f"{stem.name}.history.{kind}") for kind in ("csv", "json", "png"))
+
+
+def write_history(history: list[dict[str, float]], model_path: Path) -> list[Path]:
+    """Per-epoch history as CSV, JSON and a PNG plot of loss, ROC-AUC and accuracy, beside the model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(history)
-    csv_path, json_path, png_path = out_dir / "history.csv", out_dir / "history.json", out_dir / "history.png"
+    csv_path, json_path, png_path = history_paths(model_path)
     frame.to_csv(csv_path, index=False)
     json_path.write_text(json.dumps(history, indent=2))
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -484,7 +518,7 @@ def run_all(settings: Settings, *, progress: bool = True) -> TrainResult:
     if result.model_file is None:  # a rank other than 0: rank 0 writes the model file
         return result
     save_model_file(result.model_file, settings.model_path)
-    written = write_history(result.history, settings.model_path.parent)
+    written = write_history(result.history, settings.model_path)
     print(f"\nmodel file: {settings.model_path}  (history: {', '.join(str(p) for p in written)})")
     print(f"data window: {result.model_file.data_window}  objective: {settings.objective}")
     print("time (s): " + ", ".join(f"{k}={v:.1f}" for k, v in result.seconds.items()))
@@ -581,7 +615,7 @@ def evaluate_saved(settings: Settings, *, progress: bool = True) -> dict[str, di
     return evaluate_model(
         model,
         data,
-        truth=load_truth(settings),
+        truth=load_truth(settings, (users, posts, feed)),
         feed=feed,
         ranking=settings.ranking,
         seed=settings.seed,
@@ -596,7 +630,8 @@ def run_demo_data(settings: Settings, args: argparse.Namespace, progress: bool) 
         return 0
     clock = time.perf_counter()
     counts = make_demo_data(settings, scale=args.scale, progress=progress)
-    print(f"wrote {counts} in {time.perf_counter() - clock:.1f} s; truth: {settings.ground_truth_path}")
+    truth = settings.ground_truth_path or "not written (GROUND_TRUTH_PATH is empty)"
+    print(f"wrote {counts} in {time.perf_counter() - clock:.1f} s; truth: {truth}")
     return 0
 
 
@@ -668,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         ModelFileError,
         FileNotFoundError,
         NoDataError,
+        NotEnoughDataError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

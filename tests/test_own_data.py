@@ -4,16 +4,25 @@ surprise, small tables, the demo's leftovers, the command line, the API's times,
 
 from __future__ import annotations
 
+import logging
 import re
+from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, tiny_settings
+from fixtures_own import own_tables, write_own_csvs
 from test_bad_data import FEED, POSTS, USERS, preload, snapshot, write_csvs
 
 import data_contract
+import database
+import demo_data
 import get_features_table as gft
 import main_script
 import times
+from features import NotEnoughDataError, build_dataset, split_windows, thin_windows
+from fingerprint import tables_fingerprint
+from learn_model import MIN_BATCH, fit_batch_size
+from settings import Settings
 
 # --- the data contract ------------------------------------------------------------------------------
 
@@ -87,3 +96,96 @@ def test_import_csv_cli_says_to_add_replace(tmp_path, monkeypatch, capsys):
 def test_csv_fixture_is_valid_under_the_contract():
     """The CSVs the tests import are the contract's own example: a like row with an empty target."""
     assert "like," in FEED and USERS.startswith("user_id,") and POSTS.startswith("post_id,")
+
+
+# --- small data: it trains, or one line says what to change ------------------------------------------
+
+
+def test_batch_size_fits_a_small_training_window(caplog):
+    assert fit_batch_size(1024, 5000) == 1024, "enough rows: BATCH_SIZE as set"
+    with caplog.at_level(logging.WARNING):
+        assert fit_batch_size(1024, 494) == 64, "a power of two leaving at least MIN_STEPS steps"
+    assert "BATCH_SIZE=1024 is more than the training window's 494 views" in caplog.text
+    assert fit_batch_size(1024, 40) == MIN_BATCH
+    assert fit_batch_size(1024, 300, ranks=4) % 4 == 0
+    with pytest.raises(NotEnoughDataError, match=r"holds 20 views, at least 32 are needed.*TEST_DAYS"):
+        fit_batch_size(1024, 20)
+
+
+def test_a_feed_shorter_than_the_windows_names_the_settings(tmp_path, monkeypatch, capsys):
+    feed = own_tables(days=10)[2]
+    with pytest.raises(NotEnoughDataError, match=r"spans 9\.9 days.*TEST_DAYS=14 \+ VAL_DAYS=7.*lower"):
+        split_windows(feed, test_days=14, val_days=7)
+    paths = write_own_csvs(tmp_path / "csv", days=10)
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'own.db'}")
+    monkeypatch.setenv("MODEL_PATH", str(tmp_path / "model.pt"))
+    monkeypatch.chdir(tmp_path)
+    assert main_script.main(["--quiet", "import-csv", *(f"--{k}={v}" for k, v in paths.items())]) == 0
+    capsys.readouterr()
+    assert main_script.main(["--quiet", "train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the feed spans") and "TEST_DAYS" in err[0], err
+
+
+def test_thin_windows_are_warned_about():
+    users, posts, feed = own_tables(feed=400)
+    data = build_dataset(users, posts, feed, test_days=14, val_days=7)
+    warnings = thin_windows(data)
+    assert any(w.startswith("the validation window holds") and "VAL_DAYS" in w for w in warnings), warnings
+    assert thin_windows(data, minimum=0) == [], "no warning when the windows hold enough"
+
+
+# --- the demo's truth judges only the demo's tables; outputs live beside the model --------------------
+
+
+def test_the_truth_fingerprint_survives_the_database(engine):
+    """Written and read back (SQLite, PostgreSQL), the demo's tables still match the truth made with them."""
+    demo = demo_data.generate("tiny", seed=0, progress=False)
+    assert demo.truth.tables == tables_fingerprint(demo.users, demo.posts, demo.feed)
+    gft.write_tables(engine, users=demo.users, posts=demo.posts, feed=demo.feed, progress=False)
+    stored = [gft.read_table(engine, name) for name in gft.TABLES]
+    assert tables_fingerprint(*stored) == demo.truth.tables, "same rows, other order and dtypes: same print"
+    changed = stored[2].drop(index=5)
+    assert tables_fingerprint(stored[0], stored[1], changed) != demo.truth.tables, "one row less: other print"
+
+
+def test_own_data_beside_the_demo_truth_trains_with_default_settings(tmp_path, caplog):
+    """The issue's run: own CSVs, the demo's truth file left in place, BATCH_SIZE at its default."""
+    demo = demo_data.generate("tiny", seed=0, progress=False)
+    truth_path = tmp_path / "demo_truth.npz"
+    demo.truth.save(truth_path)
+    settings = tiny_settings(tmp_path, ground_truth_path=truth_path, epochs=1, batch_size=1024)
+    settings = settings.replace(model_path=tmp_path / "own" / "model.pt")
+    engine = database.make_engine(settings.db_url)
+    try:
+        gft.import_csv(engine, **write_own_csvs(tmp_path / "csv"), progress=False)
+    finally:
+        engine.dispose()
+    with caplog.at_level(logging.INFO):
+        result = main_script.run_all(settings, progress=False)
+    assert "is the demo generator's truth of other tables: ignored" in caplog.text, caplog.text
+    assert "oracle" not in result.metrics and "online" not in result.metrics, list(result.metrics)
+    assert settings.model_path.is_file(), "the model file is written"
+    assert sorted(p.name for p in settings.model_path.parent.iterdir()) == [
+        "model.history.csv",
+        "model.history.json",
+        "model.history.png",
+        "model.pt",
+    ], "every output beside the model file, named after it"
+    assert (
+        main_script.load_truth(settings.replace(ground_truth_path=None), (demo.users, demo.posts, demo.feed))
+        is None
+    )
+    assert main_script.load_truth(settings, (demo.users, demo.posts, demo.feed)) is not None, "the demo's own"
+
+
+def test_an_empty_ground_truth_path_turns_the_truth_off(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GROUND_TRUTH_PATH", "")
+    assert Settings().ground_truth_path is None
+    monkeypatch.delenv("GROUND_TRUTH_PATH")
+    (tmp_path / ".env").write_text("GROUND_TRUTH_PATH=\nSEED=\n")
+    assert Settings().ground_truth_path is None, "from .env too"
+    assert Settings().seed == 0, "other empty settings still count as unset"
+    monkeypatch.setenv("GROUND_TRUTH_PATH", "x.npz")
+    assert Settings().ground_truth_path == Path("x.npz"), "the environment wins over .env"
