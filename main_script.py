@@ -9,12 +9,18 @@ processes (gloo on CPU, NCCL on CUDA); rank 0 evaluates and writes the model fil
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # parse the arguments before the imports below: --help answers at once
+    import cli
+
+    sys.exit(cli.main())
+
 import argparse
 import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -28,7 +34,6 @@ import torch.distributed as dist
 from sqlalchemy import delete, insert, inspect, select
 from sqlalchemy.exc import DBAPIError
 
-import data_contract
 import database
 import demo_data
 import get_features_table
@@ -57,7 +62,7 @@ from model import (
     make_user_batch,
     user_tower_onnx,
 )
-from settings import OBJECTIVES, SCALE_NAMES, Settings, describe
+from settings import Settings, describe
 from table_feed import Feed
 from table_post_embedding import PostEmbedding, clean_text, text_key
 from times import format_time, to_seconds
@@ -527,70 +532,10 @@ def run_all(settings: Settings, *, progress: bool = True) -> TrainResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Settings come from the environment and .env (see .env.example); flags override them.",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(run=run_training)  # no command: `all`
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    """The command line (cli.py: light, so that --help answers before the libraries above load)."""
+    import cli
 
-    all_cmd = commands.add_parser(
-        "all", help="every stage: embed, train, evaluate, write the model file (default)"
-    )
-    all_cmd.add_argument("--if-missing", action="store_true", help="do nothing when MODEL_PATH exists")
-    all_cmd.set_defaults(run=run_training)
-
-    demo = commands.add_parser("demo-data", help="generate the demo tables into DATABASE_URL")
-    demo.add_argument("--scale", choices=SCALE_NAMES, help="default: DEMO_SCALE")
-    demo.add_argument("--seed", type=int, help="default: SEED")
-    demo.add_argument("--if-missing", action="store_true", help="do nothing when the feed table has rows")
-    demo.set_defaults(run=run_demo_data)
-
-    csv = commands.add_parser(
-        "import-csv",
-        help="load your own three tables from CSV (one transaction)",
-        description="Load user_data, post_text_df and feed_data from CSV files into DATABASE_URL. Every file"
-        " is checked first (columns, types, allowed values, NULLs, duplicate ids, feed rows naming unknown"
-        " users or posts) and the load is one transaction: a bad file changes nothing.",
-        epilog=data_contract.contract_text(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    csv.add_argument("--users", type=Path, required=True, help="user_data CSV")
-    csv.add_argument("--posts", type=Path, required=True, help="post_text_df CSV")
-    csv.add_argument("--feed", type=Path, required=True, help="feed_data CSV")
-    csv.add_argument(
-        "--replace", action="store_true", help="drop the tables when they already hold rows (refused without)"
-    )
-    csv.set_defaults(run=run_import_csv)
-
-    embed = commands.add_parser(
-        "embed", help="embed the post texts with TEXT_ENCODER (cached in EMBED_CACHE_DIR)"
-    )
-    embed.set_defaults(run=run_embed)
-
-    sync = commands.add_parser(
-        "embed-posts",
-        help="store the embeddings of posts the post_embedding table lacks (new posts reach the service)",
-    )
-    sync.add_argument("--every", type=float, metavar="SECONDS", help="repeat every SECONDS until stopped")
-    sync.set_defaults(run=run_embed_posts)
-
-    train = commands.add_parser("train", help="train and evaluate, then write MODEL_PATH atomically")
-    train.add_argument("--objective", choices=OBJECTIVES, help="default: OBJECTIVE")
-    train.add_argument("--epochs", type=int, help="default: EPOCHS")
-    train.set_defaults(run=run_training)
-
-    evaluate = commands.add_parser(
-        "evaluate", help="evaluate MODEL_PATH on the database (the evaluation protocol)"
-    )
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    evaluate.set_defaults(run=run_evaluate)
-
-    export = commands.add_parser("export-embeddings", help="write user and post embeddings as CSV")
-    export.add_argument("--out", type=Path, help="default: EXPORT_DIR")
-    export.set_defaults(run=run_export_embeddings)
-    return parser
+    return cli.build_parser()
 
 
 def dataset_of_model(
@@ -692,11 +637,11 @@ def run_export_embeddings(settings: Settings, args: argparse.Namespace, progress
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command (cli.main parses, then imports this module); errors of the data, the
+    model file or the settings end as one line on stderr and exit code 2, not a traceback."""
     try:
-        return args.run(Settings(), args, not args.quiet)
+        return globals()[args.run](Settings(), args, not args.quiet)
     except (
         get_features_table.TableValidationError,
         get_features_table.TablesHoldRowsError,
@@ -707,6 +652,12 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    import cli
+
+    return cli.main(argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from conftest import ROOT, tiny_settings
 from fixtures_own import own_tables, write_own_csvs
 from test_bad_data import FEED, POSTS, USERS, preload, snapshot, write_csvs
 
+import cli
 import data_contract
 import database
 import demo_data
@@ -189,3 +192,62 @@ def test_an_empty_ground_truth_path_turns_the_truth_off(monkeypatch, tmp_path):
     assert Settings().seed == 0, "other empty settings still count as unset"
     monkeypatch.setenv("GROUND_TRUTH_PATH", "x.npz")
     assert Settings().ground_truth_path == Path("x.npz"), "the environment wins over .env"
+
+
+# --- the command line: --help at once, common options anywhere ----------------------------------------
+
+HEAVY = ("torch", "pandas", "numpy", "transformers", "sklearn", "scipy", "matplotlib")
+COMMANDS = (
+    "all",
+    "demo-data",
+    "import-csv",
+    "embed",
+    "embed-posts",
+    "train",
+    "evaluate",
+    "export-embeddings",
+)
+
+
+def imported_heavy(stderr: str) -> list[str]:
+    """The heavy top-level packages in a `python -X importtime` report."""
+    names = {line.split("|")[-1].strip().split(".")[0] for line in stderr.splitlines() if "|" in line}
+    return sorted(names & set(HEAVY))
+
+
+def test_help_answers_before_the_pipeline_libraries_load():
+    command = [sys.executable, "-X", "importtime", str(ROOT / "main_script.py"), "--help"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0 and "import-csv" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert imported_heavy(done.stderr) == [], "main_script.py --help imports the pipeline's libraries"
+    script = (  # every subcommand's --help in one interpreter, then what got imported
+        "import cli, sys\n"
+        f"for name in {COMMANDS!r}:\n"
+        "    try:\n"
+        "        cli.build_parser().parse_args([name, '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
+
+
+def test_a_usage_error_answers_before_the_libraries_load():
+    command = [sys.executable, "-X", "importtime", str(ROOT / "main_script.py"), "train", "--epochs", "x"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2 and "invalid int value: 'x'" in done.stderr, done.stderr[-500:]
+    assert imported_heavy(done.stderr) == [], "a usage error must not wait for torch"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_common_options_before_or_after_the_subcommand(command):
+    parser = cli.build_parser()
+    required = ["--users=u", "--posts=p", "--feed=f"] if command == "import-csv" else []
+    assert parser.parse_args(["--quiet", command, *required]).quiet is True
+    assert parser.parse_args([command, *required, "--quiet"]).quiet is True
+    assert parser.parse_args([command, *required]).quiet is False
+    assert parser.parse_args([]).quiet is False and parser.parse_args([]).run == "run_training"
