@@ -21,6 +21,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import InstrumentedAttribute, Session
@@ -37,7 +38,7 @@ from settings import Settings
 from table_feed import Feed
 from table_post import Post
 from table_user import User
-from times import TIME_HINT, TIME_PATTERN, TIME_RANGE, parse_time
+from times import TIME_HINT, TIME_PATTERN, TIME_RANGE, now_seconds, parse_time
 
 MAX_LIMIT = 100  # every ?limit= is bounded, so no request can ask for an unbounded response
 MAX_ID = database.INT32_MAX  # the tables' ids are 32-bit integers
@@ -48,10 +49,12 @@ FeedLimit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="how many feed 
 UserQuery = Annotated[int, Query(ge=0, le=MAX_ID, description="user_id", examples=[200])]
 RecLimit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="how many posts")]
 TimeQuery = Annotated[
-    str,
+    str | None,
     Query(
-        description=f"the moment to recommend at, {TIME_HINT}, from {TIME_RANGE[0]} to {TIME_RANGE[1]}",
-        examples=["2021-12-01 12:00:00"],
+        description=f"the moment to recommend at, {TIME_HINT} (or ISO 8601 with a T: 2021-12-01T12:00:00), "
+        f"from {TIME_RANGE[0]} to {TIME_RANGE[1]}; "
+        "omitted: now, by the server's clock (local time, naive like the feed's timestamps)",
+        examples=["2021-12-01 12:00:00", "2021-12-01T12:00:00"],
         json_schema_extra={"pattern": TIME_PATTERN},
     ),
 ]
@@ -87,7 +90,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 refresher.cancel()
             app.state.engine.dispose()
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from the app itself
+    # (/static-offline-docs/...), not from a CDN, so the docs work on a machine without internet.
+    app = FastAPIOffline(
         title="Post recommender",
         version="2.0.0",
         summary="Two-tower recommendations of posts for the users of a social network.",
@@ -289,15 +294,19 @@ recommendations = APIRouter(tags=["recommendations"], responses=NOT_FOUND | NO_M
 
 
 @get_route(recommendations, "/post/recommendations/", response_model=list[PostGet])
-async def recommend(request: Request, id: UserQuery, time: TimeQuery, limit: RecLimit = 5) -> Any:
-    """The top `limit` posts for user `id` at `time`: history before `time`, liked posts excluded."""
+async def recommend(request: Request, id: UserQuery, time: TimeQuery = None, limit: RecLimit = 5) -> Any:
+    """The top `limit` posts for user `id` at `time` (default: now): history before `time`, liked posts
+    excluded."""
     recommender: Recommender | None = request.app.state.recommender
     if recommender is None:
         raise HTTPException(503, detail="no model loaded: train one with `python main_script.py`")
     try:
-        moment = parse_time(time)
+        moment = now_seconds() if time is None else parse_time(time)
     except ValueError:
-        message = f"time must look like 2021-12-01 12:00:00 ({TIME_HINT}), {TIME_RANGE[0]}..{TIME_RANGE[1]}"
+        message = (
+            f"time must look like 2021-12-01 12:00:00 ({TIME_HINT}) or 2021-12-01T12:00:00, "
+            f"{TIME_RANGE[0]}..{TIME_RANGE[1]}"
+        )
         error = {"type": "datetime_parsing", "loc": ("query", "time"), "msg": message, "input": time}
         raise RequestValidationError([error]) from None
     state = recommender.state  # one state for the whole request, whatever a refresh swaps in meanwhile

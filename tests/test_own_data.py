@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, tiny_settings
+from fastapi.testclient import TestClient
 from fixtures_own import own_tables, write_own_csvs
 from test_bad_data import FEED, POSTS, USERS, preload, snapshot, write_csvs
 
+import app as app_module
 import cli
 import data_contract
 import database
@@ -22,6 +24,7 @@ import demo_data
 import get_features_table as gft
 import main_script
 import times
+from app import create_app
 from features import NotEnoughDataError, build_dataset, split_windows, thin_windows
 from fingerprint import tables_fingerprint
 from learn_model import MIN_BATCH, fit_batch_size
@@ -196,6 +199,7 @@ def test_an_empty_ground_truth_path_turns_the_truth_off(monkeypatch, tmp_path):
 
 # --- the command line: --help at once, common options anywhere ----------------------------------------
 
+RECOMMEND = "/post/recommendations/"
 HEAVY = ("torch", "pandas", "numpy", "transformers", "sklearn", "scipy", "matplotlib")
 COMMANDS = (
     "all",
@@ -251,3 +255,60 @@ def test_common_options_before_or_after_the_subcommand(command):
     assert parser.parse_args([command, *required, "--quiet"]).quiet is True
     assert parser.parse_args([command, *required]).quiet is False
     assert parser.parse_args([]).quiet is False and parser.parse_args([]).run == "run_training"
+
+
+# --- the API: ISO 8601 times, time omitted = now, docs that work offline --------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_client(tiny_model):
+    with TestClient(create_app(tiny_model)) as client:
+        yield client
+
+
+def test_time_accepts_iso_8601_with_a_t(tiny_client):
+    feed_time = tiny_client.get("/user/200/feed", params={"limit": 1}).json()[0]["time"]
+    assert "T" in feed_time, "the feed endpoints answer ISO 8601"
+    with_t = tiny_client.get(RECOMMEND, params={"id": 200, "time": feed_time, "limit": 5})
+    with_space = tiny_client.get(
+        RECOMMEND, params={"id": 200, "time": feed_time.replace("T", " "), "limit": 5}
+    )
+    assert with_t.status_code == 200, with_t.text
+    assert with_t.json() == with_space.json(), "the same moment, whichever separator"
+    schema = tiny_client.get("/openapi.json").json()["paths"][RECOMMEND]["get"]["parameters"]
+    time_schema = next(p for p in schema if p["name"] == "time")
+    assert re.fullmatch(time_schema["schema"]["pattern"], feed_time), "the OpenAPI pattern documents the T"
+    assert not time_schema["required"] and "omitted: now" in time_schema["description"], time_schema
+
+
+def test_time_omitted_means_now(tiny_client, monkeypatch):
+    moment = "2021-12-20 12:00:00"
+    monkeypatch.setattr(app_module, "now_seconds", lambda: times.parse_time(moment))
+    omitted = tiny_client.get(RECOMMEND, params={"id": 200, "limit": 5})
+    assert omitted.status_code == 200, omitted.text
+    assert omitted.json() == tiny_client.get(RECOMMEND, params={"id": 200, "time": moment, "limit": 5}).json()
+    monkeypatch.undo()
+    assert tiny_client.get(RECOMMEND, params={"id": 200}).status_code == 200, "the real clock works too"
+
+
+def asset_urls(html: str) -> list[str]:
+    """Every script, stylesheet, image and the OpenAPI document a docs page loads."""
+    urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html)
+    urls += re.findall(r"""url\s*:\s*["']([^"']+)["']""", html)  # Swagger UI's openapi url
+    urls += re.findall(r"""spec-url\s*=\s*["']([^"']+)["']""", html)  # ReDoc's
+    return sorted(set(urls))
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_load_every_asset_from_the_app(tiny_client, page):
+    response = tiny_client.get(page)
+    assert response.status_code == 200, response.text
+    urls = asset_urls(response.text)
+    assert any(u.endswith(".js") for u in urls), urls
+    external = [u for u in urls if re.match(r"(https?:)?//", u)]
+    assert external == [], f"{page} loads from outside the app: {external}"
+    for url in urls:
+        asset = tiny_client.get(url)
+        assert asset.status_code == 200 and len(asset.content) > 0, (
+            f"{page}: {url} answers {asset.status_code}"
+        )
