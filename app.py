@@ -15,6 +15,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request
@@ -31,6 +33,7 @@ import database
 import get_features_table
 from database import Base, SessionDep
 from get_model import ModelFileError, load_model_file, resolve_model_file
+from metrics import Metrics, MetricsMiddleware, metrics_endpoint
 from refresh import CycleReport, TableFollower
 from schema import ErrorGet, FeedGet, HealthGet, LiveGet, PostGet, UserGet
 from serving import Changes, Recommender, ServingState
@@ -38,7 +41,7 @@ from settings import Settings
 from table_feed import Feed
 from table_post import Post
 from table_user import User
-from times import TIME_HINT, TIME_PATTERN, TIME_RANGE, now_seconds, parse_time
+from times import TIME_HINT, TIME_PATTERN, TIME_RANGE, format_time, now_seconds, parse_time
 
 MAX_LIMIT = 100  # every ?limit= is bounded, so no request can ask for an unbounded response
 MAX_ID = database.INT32_MAX  # the tables' ids are 32-bit integers
@@ -76,6 +79,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = database.make_engine(current.db_url)
         app.state.session_factory = database.session_factory(app.state.engine)
         app.state.recommender = recommender = load_recommender(current)
+        app.state.metrics = Metrics() if current.metrics == "on" else None
+        app.state.refresh_health = RefreshHealth()
+        if recommender and app.state.metrics:
+            trained_until = format_time(recommender.snapshot.end - 1)
+            app.state.metrics.model_loaded(str(current.model_path), trained_until)
         refresher = None
         if recommender:
             app.state.follower = TableFollower(
@@ -99,6 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(OneLineStartupFailure)
+    app.add_middleware(MetricsMiddleware)
+    app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(DBAPIError, _database_unavailable)
     for router in (health, recommendations, tables):  # recommendations first: /post/recommendations
@@ -191,9 +201,38 @@ async def refresh_forever(app: FastAPI) -> None:
             report = await asyncio.to_thread(refresh_once, app)
             if report:
                 log.info("refresh: %s", report)
+            app.state.refresh_health.succeeded()
         except Exception as exc:  # a failed refresh must not stop the service; the next one retries
             log.warning("refresh failed (%s); serving the previous state", exc.__class__.__name__)
+            app.state.refresh_health.failed(exc)
+        if app.state.metrics:
+            health = app.state.refresh_health
+            app.state.metrics.refresh_done(
+                failed=health.failures > 0,
+                consecutive=health.failures,
+                lag_seconds=now_seconds() - app.state.follower.watermark,
+            )
         await asyncio.sleep(interval)
+
+
+@dataclass
+class RefreshHealth:
+    """Failed refresh cycles in a row and the last error: /health turns degraded after
+    REFRESH_FAILURES_DEGRADED of them, so a refresh that keeps failing is visible, not only logged."""
+
+    failures: int = 0
+    last_error: str | None = None
+    last_error_time: str | None = None
+
+    def succeeded(self) -> None:
+        self.failures = 0
+
+    def failed(self, exc: Exception) -> None:
+        self.failures += 1
+        self.last_error = (
+            f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        )
+        self.last_error_time = datetime.now().isoformat(timespec="seconds")
 
 
 async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
@@ -256,7 +295,16 @@ def ready(request: Request) -> HealthGet:
     except Exception:  # any failure means "down" for the health report; it never raises
         db_state = "down"
     model = "loaded" if getattr(request.app.state, "recommender", None) else "absent"
-    return HealthGet(status="ok" if db_state == "up" else "degraded", database=db_state, model=model)
+    refresh = getattr(request.app.state, "refresh_health", None) or RefreshHealth()
+    failing = refresh.failures >= request.app.state.settings.refresh_failures_degraded
+    return HealthGet(
+        status="ok" if db_state == "up" and not failing else "degraded",
+        database=db_state,
+        model=model,
+        refresh_failures=refresh.failures,
+        last_refresh_error=refresh.last_error,
+        last_refresh_error_time=refresh.last_error_time,
+    )
 
 
 # ----------------------------------------------------------------------------- tables

@@ -405,6 +405,9 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
             yield order[start : start + batch_size][rank::size]
 
 
+# What `validate` (evaluate.validation_score, as main_script passes it) measures: named in the console
+# line, the log and the history plot, so that "validation=0.13" says which metric chose the epoch.
+VALIDATION_METRIC = "validation NDCG@10"
 MIN_BATCH = 32  # fewer rows per step: the in-batch softmax has almost no negatives, the gradient is noise
 MIN_STEPS = 4  # steps per epoch a fitted batch size leaves at least (when the data allows MIN_BATCH)
 
@@ -592,12 +595,13 @@ def train_two_tower(
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append(row)
         if show:
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch",))
+            names = {"validation": VALIDATION_METRIC}
+            shown = ", ".join(f"{names.get(k, k)}={v:.4f}" for k, v in row.items() if k != "epoch")
             tqdm.write(f"epoch {epoch}/{epochs}: {shown}")
     if best_state is not None:
         model.load_state_dict(best_state)
         best = max(history, key=lambda r: r["validation"])["epoch"]
-        log.info("kept the weights of epoch %d of %d (validation %.4f)", best, epochs, best_score)
+        log.info("kept the weights of epoch %d of %d (%s %.4f)", best, epochs, VALIDATION_METRIC, best_score)
     model.cpu()
     model.eval()
     return history

@@ -54,7 +54,7 @@ from get_features_table import TABLES
 from get_model import FeedSnapshot, ModelFile, ModelFileError, save_model_file
 from get_post_embeddings import embed_posts, encoder_key, resolve_encoder
 from histories import Histories
-from learn_model import TrainConfig, train_autoencoder, train_two_tower, world
+from learn_model import VALIDATION_METRIC, TrainConfig, train_autoencoder, train_two_tower, world
 from model import (
     Autoencoder,
     TwoTower,
@@ -438,28 +438,52 @@ def history_paths(model_path: Path) -> tuple[Path, Path, Path]:
     return tuple(stem.with_name(f"{stem.name}.history.{kind}") for kind in ("csv", "json", "png"))
 
 
-def write_history(history: list[dict[str, float]], model_path: Path) -> list[Path]:
-    """Per-epoch history as CSV, JSON and a PNG plot of loss, ROC-AUC and accuracy, beside the model."""
+def kept_epoch(history: list[dict[str, float]]) -> int | None:
+    """The epoch whose weights train_two_tower kept: the first best on validation (None without one)."""
+    scored = [row for row in history if "validation" in row]
+    return int(max(scored, key=lambda row: row["validation"])["epoch"]) if scored else None
+
+
+def history_figure(history: list[dict[str, float]]) -> Any:
+    """The matplotlib figure of the history: losses, the validation metric that chooses the kept epoch,
+    ROC-AUC; the kept epoch marked on each panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    model_path.parent.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(history)
-    csv_path, json_path, png_path = history_paths(model_path)
-    frame.to_csv(csv_path, index=False)
-    json_path.write_text(json.dumps(history, indent=2))
+    kept = kept_epoch(history)
+    # Loss (training; validation log-loss beside it), the metric that chooses the kept epoch, ROC-AUC.
+    # No accuracy panel: at a ~10% like rate it sits at the majority-class rate and tells nothing.
+    panels = (
+        ("loss", [("loss", "training loss"), ("val_log_loss", "validation log-loss")]),
+        (f"{VALIDATION_METRIC} (chooses the epoch)", [("validation", VALIDATION_METRIC)]),
+        ("ROC-AUC", [("train_roc_auc", "training"), ("val_roc_auc", "validation")]),
+    )
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for axis, metric in zip(axes, ("loss", "roc_auc", "accuracy"), strict=True):
-        for split in ("train", "val"):
-            column = metric if metric == "loss" and split == "train" else f"{split}_{metric}"
+    for axis, (title, series) in zip(axes, panels, strict=True):
+        for column, label in series:
             if column in frame:
-                axis.plot(frame["epoch"], frame[column], marker="o", label=f"{split} {metric}")
+                axis.plot(frame["epoch"], frame[column], marker="o", label=label)
+        if kept is not None:
+            axis.axvline(kept, color="grey", linestyle="--", label=f"kept: epoch {kept}")
         axis.set_xlabel("epoch")
-        axis.set_title(metric)
+        axis.set_title(title)
         axis.legend()
     figure.tight_layout()
+    return figure
+
+
+def write_history(history: list[dict[str, float]], model_path: Path) -> list[Path]:
+    """Per-epoch history as CSV, JSON and a PNG plot (history_figure), beside the model file."""
+    import matplotlib.pyplot as plt
+
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path, png_path = history_paths(model_path)
+    pd.DataFrame(history).to_csv(csv_path, index=False)
+    json_path.write_text(json.dumps(history, indent=2))
+    figure = history_figure(history)
     figure.savefig(png_path, dpi=110)
     plt.close(figure)
     return [csv_path, json_path, png_path]

@@ -60,9 +60,15 @@ class LiveGet(BaseModel):
 
 
 class HealthGet(BaseModel):
-    status: str = Field(description="'ok' when the database answers, 'degraded' when it does not")
+    status: str = Field(
+        description="'ok' when the database answers and the refresh works, 'degraded' when the database "
+        "does not answer or REFRESH_FAILURES_DEGRADED refresh cycles in a row failed"
+    )
     database: str = Field(description="'up' or 'down'")
     model: str = Field(description="'loaded' or 'absent'")
+    refresh_failures: int = Field(0, description="refresh cycles failed in a row (0 after a success)")
+    last_refresh_error: str | None = Field(None, description="the last failed cycle's error, if any")
+    last_refresh_error_time: str | None = Field(None, description="when it failed (server clock, ISO 8601)")
 
 
 class ErrorGet(BaseModel):

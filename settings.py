@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # logged: + the exposure terms (what the old feed showed too: hits among logged likes)
     torch_threads: int = Field(1, ge=1)  # intra-op threads per service worker
     faiss_min_posts: int = Field(50_000, ge=1)  # from this many posts on, top-k goes through a FAISS index
+    metrics: Literal["on", "off"] = "on"  # /metrics in the Prometheus format (metrics.py)
+    refresh_failures_degraded: int = Field(3, ge=1)  # /health says degraded after this many failed
+    # refresh cycles in a row (the service still answers from its last good state)
 
     @classmethod
     def settings_customise_sources(

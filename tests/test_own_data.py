@@ -5,9 +5,11 @@ surprise, small tables, the demo's leftovers, the command line, the API's times,
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,6 +172,9 @@ def test_own_data_beside_the_demo_truth_trains_with_default_settings(tmp_path, c
     with caplog.at_level(logging.INFO):
         result = main_script.run_all(settings, progress=False)
     assert "is the demo generator's truth of other tables: ignored" in caplog.text, caplog.text
+    assert re.search(r"kept the weights of epoch 1 of 1 \(validation NDCG@10 0\.\d{4}\)", caplog.text), (
+        "named"
+    )
     assert "oracle" not in result.metrics and "online" not in result.metrics, list(result.metrics)
     assert settings.model_path.is_file(), "the model file is written"
     assert sorted(p.name for p in settings.model_path.parent.iterdir()) == [
@@ -312,3 +317,126 @@ def test_docs_load_every_asset_from_the_app(tiny_client, page):
         assert asset.status_code == 200 and len(asset.content) > 0, (
             f"{page}: {url} answers {asset.status_code}"
         )
+
+
+# --- operating it: /metrics, a refresh that keeps failing ----------------------------------------------
+
+
+def test_metrics_count_requests_by_route_and_status(tiny_client):
+    tiny_client.get("/user/200")
+    tiny_client.get("/user/2000000000")  # 404
+    tiny_client.get(RECOMMEND, params={"id": 200, "time": "2021-12-20 12:00:00"})
+    response = tiny_client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for line in (
+        'http_requests_total{method="GET",route="/user/{id}",status="200"}',
+        'http_requests_total{method="GET",route="/user/{id}",status="404"}',
+        'http_request_duration_seconds_bucket{le="0.001",method="GET",route="/post/recommendations/"}',
+        "recommendations_served_total",
+        "refresh_cycles_total",
+        "refresh_failures_total",
+        'model_info{path="',
+        "model_age_seconds",
+    ):
+        assert line in text, f"{line} missing from /metrics"
+    served = float(re.search(r"^recommendations_served_total (\S+)$", text, re.M).group(1))
+    tiny_client.get(RECOMMEND, params={"id": 200})
+    again = tiny_client.get("/metrics").text
+    assert float(re.search(r"^recommendations_served_total (\S+)$", again, re.M).group(1)) == served + 1
+
+
+def test_metrics_off(tiny_model):
+    with TestClient(create_app(tiny_model.replace(metrics="off"))) as client:
+        assert client.get("/metrics").status_code == 404
+        assert client.get("/user/200").status_code == 200
+
+
+def test_metrics_add_up_the_workers_in_multiprocess_mode(tmp_path):
+    script = (
+        "import metrics\n"
+        "for _ in range(2):\n"
+        "    m = metrics.Metrics()\n"
+        "    m.requests.labels(route='/user/{id}', method='GET', status='200').inc()\n"
+        "print(m.exposition().decode())\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert 'http_requests_total{method="GET",route="/user/{id}",status="200"} 2.0' in done.stdout, done.stdout
+
+
+def test_a_refresh_that_keeps_failing_shows_in_health(tiny_model, monkeypatch):
+    def broken(app):
+        raise RuntimeError("relation feed_data does not exist\nLINE 1: ...")
+
+    settings = tiny_model.replace(refresh_seconds=0.02, refresh_failures_degraded=2)
+    monkeypatch.setattr(app_module, "refresh_once", broken)
+    with TestClient(create_app(settings)) as client:
+        for _ in range(200):
+            health = client.get("/health").json()
+            if health["status"] == "degraded":
+                break
+            time.sleep(0.02)
+        assert health["status"] == "degraded" and health["database"] == "up", health
+        assert health["refresh_failures"] >= 2, health
+        assert health["last_refresh_error"] == "RuntimeError: relation feed_data does not exist", health
+        assert health["last_refresh_error_time"], health
+        assert re.search(r"^refresh_failures_total [1-9]", client.get("/metrics").text, re.M)
+        monkeypatch.undo()  # the database is back: the next cycle succeeds
+        for _ in range(200):
+            health = client.get("/health").json()
+            if health["status"] == "ok":
+                break
+            time.sleep(0.02)
+        assert health["status"] == "ok" and health["refresh_failures"] == 0, health
+
+
+# --- history.png: the metric that chooses the epoch, and the kept epoch -----------------------------------
+
+HISTORY = [
+    {
+        "epoch": 1,
+        "loss": 0.9,
+        "val_log_loss": 0.5,
+        "validation": 0.10,
+        "train_roc_auc": 0.6,
+        "val_roc_auc": 0.6,
+    },
+    {
+        "epoch": 2,
+        "loss": 0.7,
+        "val_log_loss": 0.4,
+        "validation": 0.14,
+        "train_roc_auc": 0.7,
+        "val_roc_auc": 0.7,
+    },
+    {
+        "epoch": 3,
+        "loss": 0.6,
+        "val_log_loss": 0.45,
+        "validation": 0.14,
+        "train_roc_auc": 0.8,
+        "val_roc_auc": 0.6,
+    },
+]
+
+
+def test_history_plot_names_the_choosing_metric_and_marks_the_kept_epoch(tmp_path):
+    import matplotlib.pyplot as plt
+
+    assert main_script.kept_epoch(HISTORY) == 2, "the first best, as train_two_tower keeps it"
+    figure = main_script.history_figure(HISTORY)
+    try:
+        titles = [axis.get_title() for axis in figure.axes]
+        assert "validation NDCG@10 (chooses the epoch)" in titles, titles
+        assert not any("accuracy" in title for title in titles), "the accuracy panel says nothing"
+        for axis in figure.axes:
+            labels = [line.get_label() for line in axis.get_lines()]
+            assert "kept: epoch 2" in labels, (axis.get_title(), labels)
+        plotted = {line.get_label() for axis in figure.axes for line in axis.get_lines()}
+        assert {"validation NDCG@10", "validation log-loss", "training loss"} <= plotted, plotted
+    finally:
+        plt.close(figure)
+    paths = main_script.write_history(HISTORY, tmp_path / "m.pt")
+    assert [p.name for p in paths] == ["m.history.csv", "m.history.json", "m.history.png"]
