@@ -141,9 +141,12 @@ EOF
         || fail "serve: recommendations with an ISO 8601 time"
     curl -sf "$base/post/recommendations/?id=$user&limit=3" >"$LOGS/rec_now.json" \
         || fail "serve: recommendations without time"
-    curl -sf "$base/docs" | grep -q "/static-offline-docs/swagger-ui-bundle.js" || fail "serve: /docs"
+    # (to files first: `curl | grep -q` fails under pipefail when grep stops reading early)
+    curl -sf "$base/docs" >"$LOGS/docs.html" || fail "serve: /docs"
+    grep -q "/static-offline-docs/swagger-ui-bundle.js" "$LOGS/docs.html" || fail "serve: /docs loads a CDN"
     curl -sf "$base/static-offline-docs/swagger-ui-bundle.js" >/dev/null || fail "serve: the Swagger UI bundle"
-    curl -sf "$base/metrics" | grep -q "recommendations_served_total 2.0" || fail "serve: /metrics"
+    curl -sf "$base/metrics" >"$LOGS/metrics.txt" || fail "serve: /metrics"
+    grep -q "^recommendations_served_total 2.0" "$LOGS/metrics.txt" || fail "serve: /metrics counts"
     kill "$SERVER_PID"
     wait "$SERVER_PID" 2>/dev/null || true
     SERVER_PID=""
