@@ -27,7 +27,7 @@ cleanup() {
         "$PY" - "$PG_URL" "$PG_DB" <<'EOF' 2>/dev/null || true
 import sys
 from sqlalchemy import create_engine, text
-engine = create_engine(sys.argv[1], isolation_level="AUTOCOMMIT")
+engine = create_engine(sys.argv[1].replace("postgresql://", "postgresql+psycopg2://", 1), isolation_level="AUTOCOMMIT")
 with engine.connect() as conn:
     conn.execute(text(f'DROP DATABASE IF EXISTS "{sys.argv[2]}"'))
 EOF
@@ -74,7 +74,7 @@ for backend in $BACKENDS; do
         "$PY" - "$PG_URL" "$PG_DB" <<'EOF'
 import sys
 from sqlalchemy import create_engine, text
-engine = create_engine(sys.argv[1], isolation_level="AUTOCOMMIT")
+engine = create_engine(sys.argv[1].replace("postgresql://", "postgresql+psycopg2://", 1), isolation_level="AUTOCOMMIT")
 with engine.connect() as conn:
     conn.execute(text(f'DROP DATABASE IF EXISTS "{sys.argv[2]}"'))
     conn.execute(text(f'CREATE DATABASE "{sys.argv[2]}"'))
