@@ -285,7 +285,7 @@ async def live() -> LiveGet:
     return LiveGet(status="alive")
 
 
-@get_route(health, "/health", response_model=HealthGet)
+@get_route(health, "/health", response_model=HealthGet, response_model_exclude_none=True)
 def ready(request: Request) -> HealthGet:
     """Readiness: whether the database answers and the model is loaded."""
     try:
@@ -301,9 +301,15 @@ def ready(request: Request) -> HealthGet:
         status="ok" if db_state == "up" and not failing else "degraded",
         database=db_state,
         model=model,
-        refresh_failures=refresh.failures,
-        last_refresh_error=refresh.last_error,
-        last_refresh_error_time=refresh.last_error_time,
+        **(  # while cycles fail: how many in a row, the last error and its time
+            {
+                "refresh_failures": refresh.failures,
+                "last_refresh_error": refresh.last_error,
+                "last_refresh_error_time": refresh.last_error_time,
+            }
+            if refresh.failures
+            else {}
+        ),
     )
 
 

@@ -66,8 +66,9 @@ class HealthGet(BaseModel):
     )
     database: str = Field(description="'up' or 'down'")
     model: str = Field(description="'loaded' or 'absent'")
-    refresh_failures: int = Field(0, description="refresh cycles failed in a row (0 after a success)")
-    last_refresh_error: str | None = Field(None, description="the last failed cycle's error, if any")
+    # Present only while refresh cycles fail (the body of a healthy service stays the three keys above).
+    refresh_failures: int | None = Field(None, description="refresh cycles failed in a row, when any")
+    last_refresh_error: str | None = Field(None, description="the last failed cycle's error")
     last_refresh_error_time: str | None = Field(None, description="when it failed (server clock, ISO 8601)")
 
 

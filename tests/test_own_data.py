@@ -389,7 +389,7 @@ def test_a_refresh_that_keeps_failing_shows_in_health(tiny_model, monkeypatch):
             if health["status"] == "ok":
                 break
             time.sleep(0.02)
-        assert health["status"] == "ok" and health["refresh_failures"] == 0, health
+        assert health == {"status": "ok", "database": "up", "model": "loaded"}, "failures gone with a success"
 
 
 # --- history.png: the metric that chooses the epoch, and the kept epoch -----------------------------------
