@@ -23,6 +23,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError, SAWarning
 from sqlalchemy.orm import InstrumentedAttribute, Session
@@ -32,6 +33,7 @@ import database
 import get_features_table
 from database import Base, SessionDep
 from get_model import ModelFileError, load_model_file, resolve_model_file
+from metrics import Metrics, MetricsMiddleware, metrics_endpoint
 from refresh import CycleReport, TableFollower
 from schema import ErrorGet, FeedGet, HealthGet, LiveGet, PostGet, UserGet
 from serving import Changes, Recommender, ServingState
@@ -39,7 +41,7 @@ from settings import Settings
 from table_feed import Feed
 from table_post import Post
 from table_user import User
-from times import TIME_HINT, TIME_PATTERN, TIME_RANGE, parse_time
+from times import TIME_HINT, TIME_PATTERN, TIME_RANGE, format_time, now_seconds, parse_time
 
 MAX_LIMIT = 100  # every ?limit= is bounded, so no request can ask for an unbounded response
 MAX_ID = database.INT32_MAX  # the tables' ids are 32-bit integers
@@ -50,10 +52,12 @@ FeedLimit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="how many feed 
 UserQuery = Annotated[int, Query(ge=0, le=MAX_ID, description="user_id", examples=[200])]
 RecLimit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="how many posts")]
 TimeQuery = Annotated[
-    str,
+    str | None,
     Query(
-        description=f"the moment to recommend at, {TIME_HINT}, from {TIME_RANGE[0]} to {TIME_RANGE[1]}",
-        examples=["2021-12-01 12:00:00"],
+        description=f"the moment to recommend at, {TIME_HINT} (or ISO 8601 with a T: 2021-12-01T12:00:00), "
+        f"from {TIME_RANGE[0]} to {TIME_RANGE[1]}; "
+        "omitted: now, by the server's clock (local time, naive like the feed's timestamps)",
+        examples=["2021-12-01 12:00:00", "2021-12-01T12:00:00"],
         json_schema_extra={"pattern": TIME_PATTERN},
     ),
 ]
@@ -75,6 +79,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = database.make_engine(current.db_url)
         app.state.session_factory = database.session_factory(app.state.engine)
         app.state.recommender = recommender = load_recommender(current)
+        app.state.metrics = Metrics() if current.metrics == "on" else None
+        if recommender and app.state.metrics:
+            trained_until = format_time(recommender.snapshot.end - 1)
+            app.state.metrics.model_loaded(str(current.model_path), trained_until)
         refresher = None
         if recommender:
             app.state.follower = TableFollower(
@@ -90,13 +98,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 refresher.cancel()
             app.state.engine.dispose()
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from the app itself
+    # (/static-offline-docs/...), not from a CDN, so the docs work on a machine without internet.
+    app = FastAPIOffline(
         title="Post recommender",
         version="2.0.0",
         summary="Two-tower recommendations of posts for the users of a social network.",
         lifespan=lifespan,
     )
     app.add_middleware(OneLineStartupFailure)
+    app.add_middleware(MetricsMiddleware)
+    app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(DBAPIError, _database_unavailable)
     for router in (health, recommendations, tables):  # recommendations first: /post/recommendations
@@ -204,6 +216,13 @@ async def refresh_forever(app: FastAPI) -> None:
         except Exception as exc:  # a failed refresh must not stop the service; the next one retries
             log.warning(
                 "refresh failed (%s: %s); serving the previous state", exc.__class__.__name__, str(exc)[:200]
+            )
+        if app.state.metrics:
+            follower = app.state.follower
+            app.state.metrics.refresh_done(
+                failed=follower.failures > 0,
+                consecutive=follower.failures,
+                lag_seconds=now_seconds() - follower.watermark,
             )
         await asyncio.sleep(interval)
 
@@ -325,15 +344,19 @@ recommendations = APIRouter(tags=["recommendations"], responses=NOT_FOUND | NO_M
 
 
 @get_route(recommendations, "/post/recommendations/", response_model=list[PostGet])
-async def recommend(request: Request, id: UserQuery, time: TimeQuery, limit: RecLimit = 5) -> Any:
-    """The top `limit` posts for user `id` at `time`: history before `time`, liked posts excluded."""
+async def recommend(request: Request, id: UserQuery, time: TimeQuery = None, limit: RecLimit = 5) -> Any:
+    """The top `limit` posts for user `id` at `time` (default: now): history before `time`, liked posts
+    excluded."""
     recommender: Recommender | None = request.app.state.recommender
     if recommender is None:
         raise HTTPException(503, detail="no model loaded: train one with `python main_script.py`")
     try:
-        moment = parse_time(time)
+        moment = now_seconds() if time is None else parse_time(time)
     except ValueError:
-        message = f"time must look like 2021-12-01 12:00:00 ({TIME_HINT}), {TIME_RANGE[0]}..{TIME_RANGE[1]}"
+        message = (
+            f"time must look like 2021-12-01 12:00:00 ({TIME_HINT}) or 2021-12-01T12:00:00, "
+            f"{TIME_RANGE[0]}..{TIME_RANGE[1]}"
+        )
         error = {"type": "datetime_parsing", "loc": ("query", "time"), "msg": message, "input": time}
         raise RequestValidationError([error]) from None
     state = recommender.state  # one state for the whole request, whatever a refresh swaps in meanwhile

@@ -76,6 +76,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from fingerprint import tables_fingerprint
 from settings import SCALE_NAMES, Settings
 from times import DAY_SECONDS
 
@@ -511,6 +512,8 @@ class GroundTruth:
     decay: float
     alpha: float
     start_s: int  # START in seconds since the epoch: week 0 of the popularity drift begins here
+    # fingerprint.tables_fingerprint of the tables this truth generated ("" in files from before it)
+    tables: str = field(default="", compare=False)
     # Replays of feeds already seen (by object identity), so repeated calls on one feed replay once.
     _replays: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -519,6 +522,7 @@ class GroundTruth:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f.name: np.asarray(getattr(self, f.name)) for f in _truth_fields()}
+        arrays["tables"] = np.asarray(self.tables)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as handle:
@@ -540,6 +544,7 @@ class GroundTruth:
                 if int(npz["format"]) != TRUTH_FORMAT:
                     raise ValueError(f"format {int(npz['format'])}, expected {TRUTH_FORMAT}")
                 values = {f.name: npz[f.name] for f in _truth_fields()}
+                values["tables"] = str(npz["tables"]) if "tables" in npz.files else ""
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise ValueError(f"ground truth file {path} is corrupt or incomplete: {exc}") from exc
         for name in ("b0", "gamma", "decay", "alpha"):
@@ -634,7 +639,7 @@ class DemoData:
 
 
 def _truth_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(GroundTruth) if not f.name.startswith("_")]
+    return [f for f in dataclasses.fields(GroundTruth) if not f.name.startswith("_") and f.name != "tables"]
 
 
 def _split(words: str) -> list[str]:
@@ -1215,6 +1220,7 @@ def generate(scale: str | Scale, *, seed: int, progress: bool = True) -> DemoDat
     static = _base_logit(truth, user, post, epoch_seconds) + truth.b0
     logit, liked = _simulate_likes(static, post, user_first, per_user, uniform, truth, progress=progress)
     feed, like_logit = _assemble_feed(truth, user, post, seconds, liked, logit, rng_likes)
+    truth = dataclasses.replace(truth, tables=tables_fingerprint(users, posts, feed))
     return DemoData(users=users, posts=posts, feed=feed, truth=truth, like_logit=like_logit)
 
 

@@ -301,19 +301,52 @@ class Dataset:
         return ((raw - self.stats_scaler[0]) / self.stats_scaler[1]).astype(np.float32)
 
 
+class NotEnoughDataError(ValueError):
+    """The tables are too small for the settings; the message names the setting to change and the minimum
+    the data must have (main_script prints it as one line, exit code 2)."""
+
+
+MIN_WINDOW_LIKES = 20  # below this many likes a window's ranking metrics are noise (warned, not refused)
+
+
 def split_windows(feed: pd.DataFrame, *, test_days: float, val_days: float) -> tuple[int, int, int, int]:
     """(start, val_cutoff, cutoff, end) seconds: the last test_days of the feed are the test window, the
     val_days before them the validation window, the rest the training window."""
     seconds = to_seconds(feed["timestamp"])
-    assert len(seconds), "the feed is empty: nothing to train on"
+    if not len(seconds):
+        raise NotEnoughDataError("the feed is empty: nothing to train on")
     start, end = int(seconds.min()), int(seconds.max())
     cutoff = end - int(test_days * DAY_SECONDS)
     val_cutoff = cutoff - int(val_days * DAY_SECONDS)
-    assert start < val_cutoff, (
-        f"the feed spans {(end - start) / DAY_SECONDS:.1f} days, not more than TEST_DAYS={test_days} + "
-        f"VAL_DAYS={val_days}: no training window is left"
-    )
+    if start >= val_cutoff:
+        span = (end - start) / DAY_SECONDS
+        raise NotEnoughDataError(
+            f"the feed spans {span:.1f} days, not more than TEST_DAYS={test_days:g} + VAL_DAYS={val_days:g}: "
+            f"no training window is left; lower TEST_DAYS and VAL_DAYS (e.g. TEST_DAYS={span / 4:.2g} "
+            f"VAL_DAYS={span / 8:.2g}) or import a longer feed"
+        )
     return start, val_cutoff, cutoff, end
+
+
+def thin_windows(data: Dataset, *, minimum: int = MIN_WINDOW_LIKES) -> list[str]:
+    """Warnings for windows that hold too few liked views to choose or report anything reliably."""
+    windows = (
+        ("training", data.train_views, "the training window"),
+        ("validation", data.val_views, "VAL_DAYS"),
+        ("test", data.test_views, "TEST_DAYS"),
+    )
+    out = []
+    for name, views, setting in windows:
+        likes = int(views.labels.sum())
+        if likes < minimum:
+            fix = (
+                "import more feed rows" if name == "training" else f"widen {setting} or import more feed rows"
+            )
+            out.append(
+                f"the {name} window holds {len(views):,} views and {likes:,} liked ones (fewer than "
+                f"{minimum}): its metrics are noise; {fix}"
+            )
+    return out
 
 
 def _interactions(frame: pd.DataFrame, users: UserFeatures, post_ids: np.ndarray, labels: np.ndarray):

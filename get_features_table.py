@@ -44,6 +44,7 @@ from sqlalchemy import (
     Engine,
     Integer,
     Table,
+    func,
     insert,
     inspect,
     select,
@@ -58,10 +59,9 @@ from tqdm import tqdm
 
 import database
 import table_feed  # noqa: F401  (registers the three tables on Base.metadata)
+from data_contract import TABLES, TIMESTAMP_FORMATS
 from database import INT32_MAX, INT32_MIN
-from times import TIME_FORMAT, TIME_HINT, TIME_RANGE
-
-TABLES = ("user_data", "post_text_df", "feed_data")  # load order: users and posts before the feed
+from times import TIME_HINT, TIME_RANGE
 
 
 def _dtype(column: Column) -> str:
@@ -86,7 +86,6 @@ DOMAINS: dict[tuple[str, str], tuple[object, ...]] = {
 }
 NULLABLE = {(name, c.name) for name, t in _ORM.items() for c in t.columns if c.nullable}
 CATEGORICAL = {(name, c.name) for name, t in _ORM.items() for c in t.columns if c.info.get("category")}
-TIMESTAMP_FORMATS = (TIME_FORMAT, "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S.%f")
 MAX_PROBLEMS = 10
 READ_CHUNK_ROWS = 500_000
 WRITE_CHUNK_ROWS = 250_000
@@ -712,10 +711,36 @@ def read_csv_table(path: Path, table: str) -> pd.DataFrame:
     return validate_frame(frame, table, source=path.name)
 
 
+class TablesHoldRowsError(RuntimeError):
+    """import_csv would replace tables that hold rows, and was not told to (replace=False)."""
+
+
+def rows_held(engine: Engine) -> dict[str, int]:
+    """Rows in each of the three tables that exists and is not empty."""
+    held = {}
+    with engine.connect() as conn:
+        existing = set(inspect(conn).get_table_names())
+        for name in TABLES:
+            if name in existing:
+                count = conn.execute(select(func.count()).select_from(_table(name))).scalar_one()
+                if count:
+                    held[name] = int(count)
+    return held
+
+
 def import_csv(
-    engine: Engine, *, users: Path, posts: Path, feed: Path, progress: bool = True
+    engine: Engine,
+    *,
+    users: Path,
+    posts: Path,
+    feed: Path,
+    replace: bool = False,
+    progress: bool = True,
 ) -> dict[str, int]:
-    """Replace the three tables with the CSV files; all files are validated before the database is touched."""
+    """Replace the three tables with the CSV files; all files are validated before the database is touched.
+
+    Tables that hold rows are replaced only with replace=True (TablesHoldRowsError otherwise), so an
+    import never drops someone's data by surprise."""
     frames: dict[str, pd.DataFrame] = {}
     errors: list[TableValidationError] = []
     for name, path in (("user_data", users), ("post_text_df", posts), ("feed_data", feed)):
@@ -728,4 +753,11 @@ def import_csv(
     validate_references(
         frames["user_data"], frames["post_text_df"], frames["feed_data"], source=Path(feed).name
     )
+    held = {} if replace else rows_held(engine)
+    if held:
+        where = engine.url.render_as_string(hide_password=True)
+        tables = ", ".join(f"{name} ({count:,} rows)" for name, count in held.items())
+        raise TablesHoldRowsError(
+            f"{where} already holds {tables}; add --replace to drop them and load the files instead"
+        )
     return _write(engine, frames, replace=True, progress=progress, check_references=False)

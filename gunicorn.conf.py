@@ -23,3 +23,11 @@ timeout = (
 
 def when_ready(server: object) -> None:  # gunicorn calls it in the master, after the preload
     gc.freeze()
+
+
+def child_exit(server: object, worker: object) -> None:  # gunicorn calls it in the master
+    """A dead worker's metric files stop counting as live (prometheus-client's multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]

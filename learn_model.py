@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from features import Dataset, Interactions, UserFeatures
+from features import Dataset, Interactions, NotEnoughDataError, UserFeatures
 from histories import Histories
 from model import Autoencoder, TwoTower, UserBatch, make_user_batch
 from settings import OBJECTIVES, Settings
@@ -405,6 +405,39 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
             yield order[start : start + batch_size][rank::size]
 
 
+# What `validate` (evaluate.validation_score, as main_script passes it) measures: named in the console
+# line, the log and the history plot, so that "validation=0.13" says which metric chose the epoch.
+VALIDATION_METRIC = "validation NDCG@10"
+MIN_BATCH = 32  # fewer rows per step: the in-batch softmax has almost no negatives, the gradient is noise
+MIN_STEPS = 4  # steps per epoch a fitted batch size leaves at least (when the data allows MIN_BATCH)
+
+
+def fit_batch_size(batch_size: int, n_rows: int, *, ranks: int = 1, what: str = "views") -> int:
+    """BATCH_SIZE, or when the training window holds fewer rows than that, the largest power of two that
+    leaves MIN_STEPS steps an epoch (at least MIN_BATCH), divisible among the ranks; logged. Fewer than
+    MIN_BATCH rows per rank: NotEnoughDataError naming the minimum."""
+    if n_rows >= batch_size:
+        return batch_size
+    minimum = MIN_BATCH * ranks
+    if n_rows < minimum:
+        raise NotEnoughDataError(
+            f"the training window holds {n_rows} {what}, at least {minimum} are needed: import more feed "
+            "rows, or lower TEST_DAYS / VAL_DAYS to leave more of the feed for training"
+        )
+    fitted = max(1 << max((n_rows // MIN_STEPS).bit_length() - 1, 0), minimum)
+    fitted -= fitted % ranks
+    log.warning(
+        "BATCH_SIZE=%d is more than the training window's %d %s: training with batches of %d "
+        "(%d steps an epoch); set BATCH_SIZE to choose",
+        batch_size,
+        n_rows,
+        what,
+        fitted,
+        n_rows // fitted,
+    )
+    return fitted
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How the two towers are trained (model.TwoTowerConfig says what the network is). Built once from
@@ -509,9 +542,8 @@ def train_two_tower(
     assert batch_size % size == 0, f"batch_size {batch_size} must divide among the {size} ranks"
     uses_views = objective in ("bce", "joint")
     main = views if uses_views else likes
-    assert main is not None and len(main) >= batch_size, (
-        f"objective {objective!r} needs at least batch_size={batch_size} {'views' if uses_views else 'likes'}"
-    )
+    what = f"{'views' if uses_views else 'liked views'} (OBJECTIVE={objective})"
+    batch_size = fit_batch_size(batch_size, 0 if main is None else len(main), ranks=size, what=what)
     device = torch.device(config.device)
     torch.manual_seed(seed)
     model.to(device)
@@ -564,12 +596,13 @@ def train_two_tower(
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append(row)
         if show:
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch",))
+            names = {"validation": VALIDATION_METRIC}
+            shown = ", ".join(f"{names.get(k, k)}={v:.4f}" for k, v in row.items() if k != "epoch")
             tqdm.write(f"epoch {epoch}/{epochs}: {shown}")
     if best_state is not None:
         model.load_state_dict(best_state)
         best = max(history, key=lambda r: r["validation"])["epoch"]
-        log.info("kept the weights of epoch %d of %d (validation %.4f)", best, epochs, best_score)
+        log.info("kept the weights of epoch %d of %d (%s %.4f)", best, epochs, VALIDATION_METRIC, best_score)
     model.cpu()
     model.eval()
     return history

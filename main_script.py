@@ -9,12 +9,18 @@ processes (gloo on CPU, NCCL on CUDA); rank 0 evaluates and writes the model fil
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # parse the arguments before the imports below: --help answers at once
+    import cli
+
+    sys.exit(cli.main())
+
 import argparse
 import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -34,12 +40,22 @@ import demo_data
 import get_features_table
 import get_model
 from evaluate import METRIC_KEYS, ONLINE_K, calibrate, evaluate_model, validation_score
-from features import POST_STAT_NAMES, USER_CATEGORICALS, Dataset, UserFeatures, build_dataset
+from features import (
+    POST_STAT_NAMES,
+    USER_CATEGORICALS,
+    Dataset,
+    NotEnoughDataError,
+    UserFeatures,
+    build_dataset,
+    split_windows,
+    thin_windows,
+)
+from fingerprint import tables_fingerprint
 from get_features_table import TABLES
 from get_model import FeedSnapshot, ModelFile, ModelFileError, save_model_file
 from get_post_embeddings import embed_posts, encoder_key, resolve_encoder
 from histories import Histories
-from learn_model import TrainConfig, train_autoencoder, train_two_tower, world
+from learn_model import VALIDATION_METRIC, TrainConfig, train_autoencoder, train_two_tower, world
 from model import (
     Autoencoder,
     TwoTower,
@@ -47,7 +63,7 @@ from model import (
     make_user_batch,
     user_tower_onnx,
 )
-from settings import OBJECTIVES, SCALE_NAMES, Settings, describe
+from settings import Settings, describe
 from table_feed import Feed
 from table_post_embedding import PostEmbedding, clean_text, text_key
 from times import format_time, to_seconds
@@ -104,7 +120,8 @@ def make_demo_data(settings: Settings, *, scale: str | None = None, progress: bo
         changelog.install(engine)  # the service follows the feed through it (refresh.py)
     finally:
         engine.dispose()
-    demo.truth.save(settings.ground_truth_path)
+    if settings.ground_truth_path is not None:  # GROUND_TRUTH_PATH= (empty): no truth file
+        demo.truth.save(settings.ground_truth_path)
     return counts
 
 
@@ -161,11 +178,23 @@ def drop_future_rows(feed: pd.DataFrame, *, now: float) -> pd.DataFrame:
     return kept
 
 
-def load_truth(settings: Settings) -> demo_data.GroundTruth | None:
-    """The demo generator's truth when it sits beside the database, else None (no oracle)."""
-    if not settings.ground_truth_path.is_file():
+def load_truth(
+    settings: Settings, tables: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
+) -> demo_data.GroundTruth | None:
+    """The demo generator's truth when its file exists and was generated with these very tables, else
+    None (no oracle, no online value): a truth file left by the demo never judges other data."""
+    path = settings.ground_truth_path
+    if path is None or not path.is_file():
         return None
-    return demo_data.GroundTruth.load(settings.ground_truth_path)
+    truth = demo_data.GroundTruth.load(path)
+    if truth.tables != tables_fingerprint(*tables):
+        log.warning(
+            "note: %s is the demo generator's truth of other tables: ignored (no oracle, no online value); "
+            "set GROUND_TRUTH_PATH= (empty) to silence this",
+            path,
+        )
+        return None
+    return truth
 
 
 def embed_stage(settings: Settings, posts: pd.DataFrame, *, progress: bool = True) -> np.ndarray:
@@ -314,6 +343,8 @@ def train_stage(
     clock = time.perf_counter()
     users, posts, feed = tables if tables is not None else load_tables(settings, progress=progress)
     seconds["load"] = time.perf_counter() - clock
+    # Too short a feed for TEST_DAYS + VAL_DAYS stops here, with one line, before minutes of embedding.
+    split_windows(feed, test_days=settings.test_days, val_days=settings.val_days)
 
     clock = time.perf_counter()
     rank, _ = world()
@@ -333,6 +364,8 @@ def train_stage(
     clock = time.perf_counter()
     data = make_dataset(settings, users, posts, feed)
     seconds["features"] = time.perf_counter() - clock
+    for warning in thin_windows(data) if rank == 0 else []:
+        log.warning("warning: %s", warning)
 
     model = new_model(settings, data, codes, use_history=use_history, use_text=use_text)
     clock = time.perf_counter()
@@ -356,7 +389,7 @@ def train_stage(
         metrics = evaluate_model(
             model,
             data,
-            truth=load_truth(settings),
+            truth=load_truth(settings, (users, posts, feed)),
             feed=feed,
             ranking=settings.ranking,
             seed=settings.seed,
@@ -430,28 +463,59 @@ def build_model_file(
     )
 
 
-def write_history(history: list[dict[str, float]], out_dir: Path) -> list[Path]:
-    """Per-epoch history as CSV, JSON and a PNG plot of loss, ROC-AUC and accuracy."""
+def history_paths(model_path: Path) -> tuple[Path, Path, Path]:
+    """The history files of a model file, beside it and named after it (data/model.pt ->
+    data/model.history.csv, .json, .png): a run with another MODEL_PATH never overwrites them."""
+    stem = model_path.with_suffix("")
+    return tuple(stem.with_name(f"{stem.name}.history.{kind}") for kind in ("csv", "json", "png"))
+
+
+def kept_epoch(history: list[dict[str, float]]) -> int | None:
+    """The epoch whose weights train_two_tower kept: the first best on validation (None without one)."""
+    scored = [row for row in history if "validation" in row]
+    return int(max(scored, key=lambda row: row["validation"])["epoch"]) if scored else None
+
+
+def history_figure(history: list[dict[str, float]]) -> Any:
+    """The matplotlib figure of the history: losses, the validation metric that chooses the kept epoch,
+    ROC-AUC; the kept epoch marked on each panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(history)
-    csv_path, json_path, png_path = out_dir / "history.csv", out_dir / "history.json", out_dir / "history.png"
-    frame.to_csv(csv_path, index=False)
-    json_path.write_text(json.dumps(history, indent=2))
+    kept = kept_epoch(history)
+    # Loss (training; validation log-loss beside it), the metric that chooses the kept epoch, ROC-AUC.
+    # No accuracy panel: at a ~10% like rate it sits at the majority-class rate and tells nothing.
+    panels = (
+        ("loss", [("loss", "training loss"), ("val_log_loss", "validation log-loss")]),
+        (f"{VALIDATION_METRIC} (chooses the epoch)", [("validation", VALIDATION_METRIC)]),
+        ("ROC-AUC", [("train_roc_auc", "training"), ("val_roc_auc", "validation")]),
+    )
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for axis, metric in zip(axes, ("loss", "roc_auc", "accuracy"), strict=True):
-        for split in ("train", "val"):
-            column = metric if metric == "loss" and split == "train" else f"{split}_{metric}"
+    for axis, (title, series) in zip(axes, panels, strict=True):
+        for column, label in series:
             if column in frame:
-                axis.plot(frame["epoch"], frame[column], marker="o", label=f"{split} {metric}")
+                axis.plot(frame["epoch"], frame[column], marker="o", label=label)
+        if kept is not None:
+            axis.axvline(kept, color="grey", linestyle="--", label=f"kept: epoch {kept}")
         axis.set_xlabel("epoch")
-        axis.set_title(metric)
+        axis.set_title(title)
         axis.legend()
     figure.tight_layout()
+    return figure
+
+
+def write_history(history: list[dict[str, float]], model_path: Path) -> list[Path]:
+    """Per-epoch history as CSV, JSON and a PNG plot (history_figure), beside the model file."""
+    import matplotlib.pyplot as plt
+
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path, png_path = history_paths(model_path)
+    pd.DataFrame(history).to_csv(csv_path, index=False)
+    json_path.write_text(json.dumps(history, indent=2))
+    figure = history_figure(history)
     figure.savefig(png_path, dpi=110)
     plt.close(figure)
     return [csv_path, json_path, png_path]
@@ -515,7 +579,7 @@ def run_all(settings: Settings, *, progress: bool = True) -> TrainResult:
     if result.model_file is None:  # a rank other than 0: rank 0 writes the model file
         return result
     save_model_file(result.model_file, settings.model_path)
-    written = write_history(result.history, settings.model_path.parent)
+    written = write_history(result.history, settings.model_path)
     print(f"\nmodel file: {settings.model_path}  (history: {', '.join(str(p) for p in written)})")
     print(f"data window: {result.model_file.data_window}  objective: {settings.objective}")
     print("time (s): " + ", ".join(f"{k}={v:.1f}" for k, v in result.seconds.items()))
@@ -524,65 +588,10 @@ def run_all(settings: Settings, *, progress: bool = True) -> TrainResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Settings come from the environment and .env (see .env.example); flags override them.",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(run=run_training)  # no command: `all`
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    """The command line (cli.py: light, so that --help answers before the libraries above load)."""
+    import cli
 
-    all_cmd = commands.add_parser(
-        "all", help="every stage: embed, train, evaluate, write the model file (default)"
-    )
-    all_cmd.add_argument("--if-missing", action="store_true", help="do nothing when MODEL_PATH exists")
-    all_cmd.set_defaults(run=run_training)
-
-    demo = commands.add_parser("demo-data", help="generate the demo tables into DATABASE_URL")
-    demo.add_argument("--scale", choices=SCALE_NAMES, help="default: DEMO_SCALE")
-    demo.add_argument("--seed", type=int, help="default: SEED")
-    demo.add_argument("--if-missing", action="store_true", help="do nothing when the feed table has rows")
-    demo.set_defaults(run=run_demo_data)
-
-    csv = commands.add_parser("import-csv", help="load your own three tables from CSV (one transaction)")
-    csv.add_argument("--users", type=Path, required=True, help="user_data CSV")
-    csv.add_argument("--posts", type=Path, required=True, help="post_text_df CSV")
-    csv.add_argument("--feed", type=Path, required=True, help="feed_data CSV")
-    csv.set_defaults(run=run_import_csv)
-
-    change_log = commands.add_parser(
-        "change-log",
-        help="create the feed's change log (a table and triggers on feed_data) the service follows exactly",
-    )
-    change_log.set_defaults(run=run_change_log)
-
-    embed = commands.add_parser(
-        "embed", help="embed the post texts with TEXT_ENCODER (cached in EMBED_CACHE_DIR)"
-    )
-    embed.set_defaults(run=run_embed)
-
-    sync = commands.add_parser(
-        "embed-posts",
-        help="store the embeddings of posts the post_embedding table lacks (new posts reach the service)",
-    )
-    sync.add_argument("--every", type=float, metavar="SECONDS", help="repeat every SECONDS until stopped")
-    sync.set_defaults(run=run_embed_posts)
-
-    train = commands.add_parser("train", help="train and evaluate, then write MODEL_PATH atomically")
-    train.add_argument("--objective", choices=OBJECTIVES, help="default: OBJECTIVE")
-    train.add_argument("--epochs", type=int, help="default: EPOCHS")
-    train.set_defaults(run=run_training)
-
-    evaluate = commands.add_parser(
-        "evaluate", help="evaluate MODEL_PATH on the database (the evaluation protocol)"
-    )
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    evaluate.set_defaults(run=run_evaluate)
-
-    export = commands.add_parser("export-embeddings", help="write user and post embeddings as CSV")
-    export.add_argument("--out", type=Path, help="default: EXPORT_DIR")
-    export.set_defaults(run=run_export_embeddings)
-    return parser
+    return cli.build_parser()
 
 
 def dataset_of_model(
@@ -607,7 +616,7 @@ def evaluate_saved(settings: Settings, *, progress: bool = True) -> dict[str, di
     return evaluate_model(
         model,
         data,
-        truth=load_truth(settings),
+        truth=load_truth(settings, (users, posts, feed)),
         feed=feed,
         ranking=settings.ranking,
         seed=settings.seed,
@@ -622,13 +631,16 @@ def run_demo_data(settings: Settings, args: argparse.Namespace, progress: bool) 
         return 0
     clock = time.perf_counter()
     counts = make_demo_data(settings, scale=args.scale, progress=progress)
-    print(f"wrote {counts} in {time.perf_counter() - clock:.1f} s; truth: {settings.ground_truth_path}")
+    truth = settings.ground_truth_path or "not written (GROUND_TRUTH_PATH is empty)"
+    print(f"wrote {counts} in {time.perf_counter() - clock:.1f} s; truth: {truth}")
     return 0
 
 
 def run_import_csv(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
     engine = database.make_engine(settings.db_url)
-    counts = get_features_table.import_csv(engine, users=args.users, posts=args.posts, feed=args.feed)
+    counts = get_features_table.import_csv(
+        engine, users=args.users, posts=args.posts, feed=args.feed, replace=args.replace, progress=progress
+    )
     changelog.install(engine)  # the service follows the feed through it (refresh.py)
     print(f"imported {counts}")
     return 0
@@ -698,14 +710,27 @@ def run_export_embeddings(settings: Settings, args: argparse.Namespace, progress
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command (cli.main parses, then imports this module); errors of the data, the
+    model file or the settings end as one line on stderr and exit code 2, not a traceback."""
     try:
-        return args.run(Settings(), args, not args.quiet)
-    except (get_features_table.TableValidationError, ModelFileError, FileNotFoundError, NoDataError) as exc:
+        return globals()[args.run](Settings(), args, not args.quiet)
+    except (
+        get_features_table.TableValidationError,
+        get_features_table.TablesHoldRowsError,
+        ModelFileError,
+        FileNotFoundError,
+        NoDataError,
+        NotEnoughDataError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    import cli
+
+    return cli.main(argv)
 
 
 if __name__ == "__main__":

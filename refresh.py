@@ -140,7 +140,8 @@ class TableFollower:
             report = self._cycle()
         except Exception as exc:
             self.failures += 1
-            self.last_error = f"{exc.__class__.__name__}: {str(exc)[:300]}"
+            first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            self.last_error = f"{exc.__class__.__name__}: {first_line}"
             raise
         self.failures, self.last_success = 0, time.time()
         return report

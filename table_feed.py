@@ -25,13 +25,24 @@ class Feed(Base):
         Index("ix_feed_data_timestamp", "timestamp"),
     )
 
-    timestamp: Mapped[datetime] = mapped_column(DateTime)
-    user_id: Mapped[int] = mapped_column(Integer)
-    post_id: Mapped[int] = mapped_column(Integer)
+    timestamp: Mapped[datetime] = mapped_column(
+        DateTime, doc="when the post was shown or liked: naive local time, no time zone"
+    )
+    user_id: Mapped[int] = mapped_column(Integer, doc="a user_id of user_data")
+    post_id: Mapped[int] = mapped_column(Integer, doc="a post_id of post_text_df")
     # "category": few distinct values, read as a pandas category (two shared strings, not one per row)
-    action: Mapped[str] = mapped_column(String, info={"values": ("view", "like"), "category": True})
-    # on a view: 1 when a like followed it; on a like row: 0 or NULL
-    target: Mapped[int | None] = mapped_column(Integer, nullable=True, info={"values": (0, 1)})
+    action: Mapped[str] = mapped_column(
+        String,
+        info={"values": ("view", "like"), "category": True},
+        doc="'view': the post was shown to the user; 'like': the user liked it",
+    )
+    target: Mapped[int | None] = mapped_column(
+        Integer,
+        nullable=True,
+        info={"values": (0, 1)},
+        doc="on a 'view' row: 1 when the user liked the post after this view, else 0 (never NULL); "
+        "on a 'like' row: 0 or NULL (the like itself is the row), never 1",
+    )
 
     user: Mapped[User] = relationship(
         primaryjoin="foreign(Feed.user_id) == User.user_id", lazy="joined", innerjoin=True, viewonly=True

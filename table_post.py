@@ -10,6 +10,8 @@ from database import Base
 class Post(Base):
     __tablename__ = "post_text_df"
 
-    post_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    text: Mapped[str] = mapped_column(Text)
-    topic: Mapped[str] = mapped_column(String)
+    post_id: Mapped[int] = mapped_column(
+        Integer, primary_key=True, autoincrement=False, doc="the post's id, unique, 32-bit"
+    )
+    text: Mapped[str] = mapped_column(Text, doc="the post's text, not empty; any length")
+    topic: Mapped[str] = mapped_column(String, doc="free text, not empty (e.g. 'movie', 'covid')")

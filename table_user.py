@@ -14,11 +14,15 @@ from database import Base
 class User(Base):
     __tablename__ = "user_data"
 
-    user_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    gender: Mapped[int] = mapped_column(Integer, info={"values": (0, 1)})
-    age: Mapped[int] = mapped_column(Integer)
-    country: Mapped[str] = mapped_column(String)
-    city: Mapped[str] = mapped_column(String)
-    exp_group: Mapped[int] = mapped_column(Integer, info={"values": (0, 1, 2, 3, 4)})  # experimental group
-    os: Mapped[str] = mapped_column(String)
-    source: Mapped[str] = mapped_column(String)  # 'ads' | 'organic' in the course's data; free text here
+    user_id: Mapped[int] = mapped_column(
+        Integer, primary_key=True, autoincrement=False, doc="the user's id, unique, 32-bit"
+    )
+    gender: Mapped[int] = mapped_column(Integer, info={"values": (0, 1)}, doc="0 or 1")
+    age: Mapped[int] = mapped_column(Integer, doc="years")
+    country: Mapped[str] = mapped_column(String, doc="free text, not empty")
+    city: Mapped[str] = mapped_column(String, doc="free text, not empty; new cities are fine")
+    exp_group: Mapped[int] = mapped_column(
+        Integer, info={"values": (0, 1, 2, 3, 4)}, doc="experimental group of the user"
+    )
+    os: Mapped[str] = mapped_column(String, doc="free text, not empty (e.g. 'Android', 'iOS')")
+    source: Mapped[str] = mapped_column(String, doc="free text, not empty (e.g. 'ads', 'organic')")

@@ -15,7 +15,7 @@ import pandas as pd
 
 DAY_SECONDS = 86_400
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # the feed's timestamps and the API's `time`: naive, one-second steps
-TIME_HINT = "YYYY-mm-dd HH:MM:SS"
+TIME_HINT = "YYYY-mm-dd HH:MM:SS"  # the API accepts ISO 8601's "T" for the space too (TIME_PATTERN)
 TIME_RANGE = ("1678-01-01 00:00:00", "2261-12-31 23:59:59")  # inside datetime64[ns], which pandas uses
 _YEAR = r"(?:16(?:7[89]|[89]\d)|1[7-9]\d\d|2[01]\d\d|22(?:[0-5]\d|6[01]))"  # 1678..2261
 _LEAP_YEAR = (  # the leap years among them: 1700, 1800, 1900, 2100 and 2200 are not, 2000 is
@@ -25,10 +25,11 @@ _LEAP_YEAR = (  # the leap years among them: 1700, 1800, 1900, 2100 and 2200 are
 # Exactly the strings parse_time accepts (a test walks every day of the range), for the OpenAPI schema.
 TIME_PATTERN = (
     rf"^(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)"
-    rf"|02-(?:0[1-9]|1\d|2[0-8]))|{_LEAP_YEAR}-02-29) (?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d$"
+    rf"|02-(?:0[1-9]|1\d|2[0-8]))|{_LEAP_YEAR}-02-29)[ T](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d$"
 )
 _EPOCH = datetime(1970, 1, 1)
-_TIME_DIGITS = re.compile(r"(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})", re.ASCII)
+# The separator: the seed's space, or ISO 8601's "T" (the form the feed endpoints answer with).
+_TIME_DIGITS = re.compile(r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})", re.ASCII)
 _FIRST, _LAST = (datetime.strptime(t, TIME_FORMAT) for t in TIME_RANGE)
 
 
@@ -39,8 +40,14 @@ def to_seconds(timestamps: pd.Series | np.ndarray | pd.DatetimeIndex) -> np.ndar
     return values.astype("datetime64[s]").astype(np.int64)
 
 
+def now_seconds() -> int:
+    """The server clock's local time as seconds since the epoch, naive like the feed's timestamps."""
+    return (datetime.now().replace(microsecond=0) - _EPOCH) // timedelta(seconds=1)
+
+
 def parse_time(value: str) -> int:
-    """'YYYY-mm-dd HH:MM:SS' in TIME_RANGE -> int64 seconds since the epoch; ValueError otherwise.
+    """'YYYY-mm-dd HH:MM:SS' or 'YYYY-mm-ddTHH:MM:SS' in TIME_RANGE -> int64 seconds since the epoch;
+    ValueError otherwise.
 
     Accepts exactly what TIME_PATTERN describes (a test walks every day of the range), by a shorter
     route: the digits' layout, then datetime's own calendar check, then the range."""

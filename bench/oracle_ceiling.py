@@ -137,7 +137,7 @@ def main() -> None:
 
     settings = Settings()
     users, posts, feed = main_script.load_tables(settings, progress=False)
-    truth = main_script.load_truth(settings)
+    truth = main_script.load_truth(settings, (users, posts, feed))
     if truth is None:
         raise SystemExit(f"no ground truth at {settings.ground_truth_path}: this needs the demo data")
     data = main_script.make_dataset(settings, users, posts, feed)

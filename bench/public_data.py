@@ -2,7 +2,7 @@
 
     .venv/bin/pip install --no-deps recbole==1.2.1
     export DATABASE_URL=sqlite:////tmp/pub/demo.db MODEL_PATH=/tmp/pub/model.pt
-    export GROUND_TRUTH_PATH=/tmp/pub/no_truth.npz TEST_DAYS=28 VAL_DAYS=28
+    export TEST_DAYS=28 VAL_DAYS=28
     python -m bench.public_data [--out DIR] [--no-load]
     python main_script.py all && python main_script.py evaluate --json
 
@@ -312,13 +312,6 @@ def main(argv: list[str] | None = None) -> int:
             counts = load(tables, db_url=settings.db_url, progress=not args.quiet)
             where = dict(describe(settings))["DATABASE_URL"]
             print(f"loaded {counts} into {where}")
-            if settings.ground_truth_path.is_file():
-                # The evaluation reads that file as the oracle of whatever the database holds.
-                print(
-                    f"warning: {settings.ground_truth_path} is the demo generator's truth of other data: "
-                    "delete it or point GROUND_TRUTH_PATH elsewhere before `main_script.py evaluate`",
-                    file=sys.stderr,
-                )
     except (MissingDataError, ValueError) as exc:  # TableValidationError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2

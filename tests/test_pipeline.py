@@ -62,12 +62,12 @@ def test_model_file_describes_itself_and_loads_with_weights_only(tiny_model):
 
 def test_history_files_are_written(tiny_model):
     folder = tiny_model.model_path.parent
-    history = json.loads((folder / "history.json").read_text())
+    history = json.loads((folder / "model.history.json").read_text())
     assert [row["epoch"] for row in history] == list(range(1, tiny_model.epochs + 1))
     expected = {"loss", "train_roc_auc", "val_roc_auc", "val_accuracy", "val_log_loss", "validation"}
     assert expected <= set(history[0]), "validation, not test, is what the epochs are watched on"
-    assert (folder / "history.csv").read_text().startswith("epoch,")
-    assert (folder / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "model.history.csv").read_text().startswith("epoch,")
+    assert (folder / "model.history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_metrics_cover_model_and_baselines(tiny_model):

@@ -178,6 +178,7 @@ def test_main_loads_the_database_and_writes_csv_that_import_csv_reads(
             users=out / "user_data.csv",
             posts=out / "post_text_df.csv",
             feed=out / "feed_data.csv",
+            replace=True,  # the tables public_data.main just loaded
             progress=False,
         )
         assert counts == {"user_data": 4, "post_text_df": 4, "feed_data": 11}

@@ -169,7 +169,6 @@ def test_ranking_is_deterministic(served, tiny_tables):
         ({"id": 200, "time": "2021-02-29 12:00:00"}, "time must look like"),
         ({"id": 200, "time": "2021-1-5 1:02:03"}, "time must look like"),
         ({"id": 200, "time": "20/12/2021 10:00:00"}, "time must look like"),
-        ({"id": 200}, "time"),
         ({"id": 200, "time": "2021-12-20 12:00:00", "limit": 0}, "limit"),
         ({"id": 200, "time": "2021-12-20 12:00:00", "limit": MAX_LIMIT + 1}, "limit"),
         ({"id": -3, "time": "2021-12-20 12:00:00"}, "id"),
@@ -305,7 +304,9 @@ def test_the_time_pattern_accepts_exactly_what_parse_time_accepts():
     for hms in ("00:00:00", "23:59:59", "24:00:00", "12:60:00", "12:00:60", "7:00:00", "07:00:0"):
         valid = hms[:2] != "24" and "60" not in hms and len(hms) == 8
         assert bool(pattern.fullmatch(f"2021-06-15 {hms}")) == valid == accepts(f"2021-06-15 {hms}"), hms
-    assert not pattern.fullmatch("0000-01-01 00:00:00") and not pattern.fullmatch("2021-06-15T12:00:00")
+    assert not pattern.fullmatch("0000-01-01 00:00:00") and not pattern.fullmatch("2021-06-15t12:00:00")
+    assert pattern.fullmatch("2021-06-15T12:00:00") and accepts("2021-06-15T12:00:00"), "ISO 8601's T too"
+    assert not pattern.fullmatch("2021-06-15_12:00:00") and not accepts("2021-06-15_12:00:00")
 
 
 def test_the_request_path_computes_the_user_tower_of_training(tiny_model, tiny_tables):
