@@ -59,10 +59,28 @@ class LiveGet(BaseModel):
     status: str = Field(description="'alive' whenever the process answers", examples=["alive"])
 
 
+class ArmGet(BaseModel):
+    name: str = Field(examples=["likes"])
+    share: float = Field(examples=[0.5])
+    ranking: str = Field(examples=["likes"])
+    model_version: str = Field(description="the first 12 hex digits of the model file's SHA-256")
+
+
+class ImpressionsGet(BaseModel):
+    accepted: int = Field(description="impressions queued by this worker since it started")
+    written: int = Field(description="of those, rows committed to recommendation_log")
+    queued: int = Field(description="rows waiting for the database now")
+    dropped: int = Field(description="impressions refused because the queue was full (never written)")
+    failed_batches: int = Field(description="write attempts the database refused (each retried)")
+
+
 class HealthGet(BaseModel):
     status: str = Field(description="'ok' when the database answers, 'degraded' when it does not")
     database: str = Field(description="'up' or 'down'")
     model: str = Field(description="'loaded' or 'absent'")
+    experiment: str | None = Field(None, description="the running experiment's name (absent: none)")
+    arms: list[ArmGet] | None = Field(None, description="the experiment's arms, as this worker serves them")
+    impressions: ImpressionsGet | None = Field(None, description="this worker's impression log (when on)")
 
 
 class ErrorGet(BaseModel):

@@ -65,6 +65,16 @@ class Settings(BaseSettings):
     # logged: + the exposure terms (what the old feed showed too: hits among logged likes)
     torch_threads: int = Field(1, ge=1)  # intra-op threads per service worker
     faiss_min_posts: int = Field(50_000, ge=1)  # from this many posts on, top-k goes through a FAISS index
+    # --- experiments (experiments.py) ---
+    experiment_path: Path | None = None  # TOML/JSON file declaring an A/B experiment; unset = none
+    impression_log: Literal["auto", "on", "off"] = (
+        "auto"  # recommendation_log rows; auto = with an experiment
+    )
+    impression_queue_size: int = Field(
+        100_000, ge=1
+    )  # rows waiting for the database; beyond: counted, dropped
+    impression_batch_size: int = Field(1000, ge=1)  # rows per INSERT batch
+    impression_flush_seconds: float = Field(1.0, gt=0)  # the longest a row waits before its batch is written
 
     @model_validator(mode="after")
     def _checksum_with_url(self) -> Settings:
