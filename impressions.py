@@ -25,16 +25,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg2
 from sqlalchemy import Engine, insert
+from sqlalchemy.exc import DataError, IntegrityError
 
 from database import is_postgres
 from table_recommendation_log import RecommendationLog, format_post_ids
 
+_INVALID = (IntegrityError, DataError, psycopg2.IntegrityError, psycopg2.DataError)
 RETRY_SECONDS = 1.0  # between two attempts at a batch the database refused
 log = logging.getLogger("recommender")
 _EPOCH = datetime(1970, 1, 1)
 _COLUMNS = ("served_at", "request_time", "user_id", "experiment", "arm", "model_version", "post_ids")
-_COPY = f"COPY {RecommendationLog.__tablename__} ({', '.join(_COLUMNS)}) FROM STDIN WITH (FORMAT csv)"
+_TEXT = ", ".join(_COLUMNS[3:])  # in CSV an unquoted empty field is NULL; experiment "" is a value
+_COPY = (
+    f"COPY {RecommendationLog.__tablename__} ({', '.join(_COLUMNS)}) FROM STDIN "
+    f"WITH (FORMAT csv, FORCE_NOT_NULL ({_TEXT}))"
+)
 
 
 @dataclass
@@ -46,6 +53,7 @@ class LogCounts:
     dropped: int = 0  # rows refused because the queue was full (never written)
     failed_batches: int = 0  # write attempts the database refused (each retried)
     lost_at_shutdown: int = 0  # rows still unwritten when close() gave up
+    rejected: int = 0  # rows of batches the database refused as invalid (no retry can help)
     queued: int = 0  # rows waiting now (queue and the batch in hand)
 
 
@@ -172,7 +180,12 @@ class ImpressionLog:
                     conn.execute(
                         insert(RecommendationLog), [dict(zip(_COLUMNS, row, strict=True)) for row in batch]
                     )
-        except Exception as exc:  # any database failure: keep the batch and retry, never raise
+        except _INVALID as exc:  # the rows themselves: retrying would block the log for good
+            with self._lock:
+                self._counts.rejected += len(batch)
+            log.error("impression log: %d rows refused by the database (%s): %s", len(batch), type(exc), exc)
+            return True
+        except Exception as exc:  # any other database failure (an outage): keep the batch, retry, never raise
             with self._lock:
                 self._counts.failed_batches += 1
                 failures = self._counts.failed_batches
