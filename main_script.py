@@ -30,6 +30,8 @@ from sqlalchemy.exc import DBAPIError
 
 import database
 import demo_data
+import experiment_report
+import experiments
 import get_features_table
 import get_model
 from evaluate import METRIC_KEYS, ONLINE_K, calibrate, evaluate_model, validation_score
@@ -49,7 +51,7 @@ from model import (
 from settings import OBJECTIVES, SCALE_NAMES, Settings, describe
 from table_feed import Feed
 from table_post_embedding import PostEmbedding, clean_text, text_key
-from times import format_time, to_seconds
+from times import format_time, parse_time, to_seconds
 
 log = logging.getLogger("pipeline")
 
@@ -544,7 +546,42 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export-embeddings", help="write user and post embeddings as CSV")
     export.add_argument("--out", type=Path, help="default: EXPORT_DIR")
     export.set_defaults(run=run_export_embeddings)
+
+    report = commands.add_parser(
+        "experiment-report",
+        help="per arm of an A/B experiment: likes per impression and per user, lift, sample ratio check",
+    )
+    report.add_argument("--experiment", help="default: the experiment EXPERIMENT_PATH declares")
+    report.add_argument(
+        "--since", type=_time_argument, help="only requests at or after this time (YYYY-mm-dd HH:MM:SS)"
+    )
+    report.add_argument(
+        "--window",
+        type=_window_argument,
+        default=3600,
+        help="attribution window after an impression: 90s, 30m, 1h (default), 2d",
+    )
+    report.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    report.add_argument(
+        "--plot", type=Path, metavar="PNG", help="write the per-day likes per impression here"
+    )
+    report.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
+    report.set_defaults(run=run_experiment_report)
     return parser
+
+
+def _time_argument(value: str) -> int:
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _window_argument(value: str) -> int:
+    try:
+        return experiment_report.parse_window(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def dataset_of_model(
@@ -643,12 +680,46 @@ def run_export_embeddings(settings: Settings, args: argparse.Namespace, progress
     return 0
 
 
+def run_experiment_report(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    declared = experiments.load_experiment(settings.experiment_path)
+    name = args.experiment or (declared.name if declared else None)
+    if name is None:
+        print("error: name the experiment: --experiment NAME, or EXPERIMENT_PATH", file=sys.stderr)
+        return 2
+    engine = database.make_engine(settings.db_url)
+    try:
+        report = experiment_report.run_report(
+            engine,
+            experiment=name,
+            declared=declared,
+            window=args.window,
+            since=args.since,
+            plot=args.plot,
+            seed=args.seed,
+        )
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(json.dumps(report) if args.json else experiment_report.format_report(report))
+    if report["srm"]["mismatch"]:
+        print("error: sample ratio mismatch (see above)", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.run(Settings(), args, not args.quiet)
-    except (get_features_table.TableValidationError, ModelFileError, FileNotFoundError, NoDataError) as exc:
+    except (
+        get_features_table.TableValidationError,
+        ModelFileError,
+        FileNotFoundError,
+        NoDataError,
+        experiments.ExperimentError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
