@@ -127,10 +127,12 @@ def simulated_log(experiment: Experiment, users: int = 2000) -> pd.DataFrame:
     )
 
 
-def test_a_correct_assignment_passes_the_sample_ratio_check():
-    log = simulated_log(DECLARED)
+@pytest.mark.parametrize("shares", [(0.5, 0.5), (0.7, 0.3)])
+def test_a_correct_assignment_passes_the_sample_ratio_check(shares):
+    declared = Experiment("e", "salt", (Arm("A", shares[0]), Arm("B", shares[1])))
+    log = simulated_log(declared)
     likes = np.random.default_rng(0).binomial(1, 0.3, len(log))
-    report = experiment_report(log, likes, arms=["A", "B"], shares=DECLARED.shares, bootstrap=200)
+    report = experiment_report(log, likes, arms=["A", "B"], shares=declared.shares, bootstrap=200)
     assert not report["srm"]["mismatch"], report["srm"]
 
 
