@@ -145,6 +145,23 @@ class Users:
         return expected, rows
 
 
+def insert_feed(engine, frame: pd.DataFrame, attempts: int = 5) -> None:
+    """Append feed rows; on SQLite a transaction that read before writing fails at once (not after the
+    busy timeout) when the service's impression log committed meanwhile, so it is tried again."""
+    from sqlalchemy.exc import OperationalError
+
+    import get_features_table
+
+    for attempt in range(attempts):
+        try:
+            get_features_table.write_tables(engine, feed=frame, replace=False, progress=False)
+            return
+        except OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2)
+
+
 def simulate(args: argparse.Namespace) -> dict[str, Any]:
     import database
     import get_features_table
@@ -201,7 +218,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
                 frame = pd.DataFrame(rows, columns=["seconds", "user_id", "post_id", "action", "target"])
                 frame.insert(0, "timestamp", pd.to_datetime(frame.pop("seconds"), unit="s"))
                 frame["target"] = frame["target"].where(frame["action"] == "view", 0)
-                get_features_table.write_tables(engine, feed=frame, replace=False, progress=False)
+                insert_feed(engine, frame)
         serve_s = time.perf_counter() - clock
     finally:
         stop_server(server)  # SIGTERM: each worker's lifespan exit writes its queued impressions

@@ -7,14 +7,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from conftest import append_feed
 from fastapi.testclient import TestClient
 from scipy.stats import chi2, chi2_contingency
 
 import database
 import get_features_table
 import main_script
-from app import create_app
+from app import create_app, refresh_once
 from experiments import Arm, Experiment, ExperimentError, bucket, load_experiment
 from get_model import sha256_file
 
@@ -174,3 +176,24 @@ def test_each_user_is_served_by_their_arm_with_headers_and_health(tiny_model, ti
         {"name": "likes", "share": 0.5, "ranking": "likes", "model_version": version},
     ]
     assert "impressions" not in health, "IMPRESSION_LOG=off"
+
+
+def test_every_arm_follows_the_tables(tiny_model, tiny_tables, tmp_path):
+    url = tiny_database(tiny_tables, tmp_path / "follow.db")
+    path = write_experiment(tmp_path, TOML)
+    experiment = load_experiment(path)
+    users = tiny_tables[2]["user_id"].value_counts().index[:40].tolist()
+    settings = tiny_model.replace(database_url=url, experiment_path=path, impression_log="off")
+    app = create_app(settings)
+    end = tiny_tables[2]["timestamp"].max()  # rows after the feed's end: merged by the next cycle
+    when = str((end + pd.Timedelta(hours=1)).floor("s"))
+    with TestClient(app) as client:
+        for arm in ("logged", "likes"):  # the second arm's follower is not the app's first one
+            user = next(u for u in users if experiment.arm_of(u).name == arm)
+            top = ids_of(client.get(URL, params={"id": user, "time": when}))[0]
+            at = end + pd.Timedelta(minutes=1)
+            liked = pd.DataFrame({"timestamp": [at], "user_id": [user], "post_id": [top]})
+            append_feed(url, liked.assign(action="like", target=0))
+            refresh_once(app)
+            after = ids_of(client.get(URL, params={"id": user, "time": when}))
+            assert top not in after, f"arm {arm}: a post liked before `time` is excluded after a refresh"

@@ -123,3 +123,28 @@ def test_the_service_logs_every_answer_with_its_arm_and_flushes_at_shutdown(
             version,
         )
         assert row.request_time == pd.Timestamp(WHEN)
+
+
+def test_a_locked_database_fails_no_request_and_the_rows_follow_it(tiny_model, tiny_tables, tmp_path):
+    users, posts, feed = tiny_tables
+    path = tmp_path / "locked_service.db"
+    engine = database.make_engine(f"sqlite:///{path}")
+    get_features_table.write_tables(engine, users=users, posts=posts, feed=feed, progress=False)
+    settings = tiny_model.replace(
+        database_url=f"sqlite:///{path}",
+        experiment_path=write_experiment(tmp_path, TOML),
+        impression_flush_seconds=0.05,
+    )
+    asked = feed["user_id"].value_counts().index[:20].tolist()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    with TestClient(create_app(settings)) as client:
+        blocker.execute("BEGIN EXCLUSIVE")  # no write reaches the database from here on (reads still do)
+        for user in asked:
+            ids_of(client.get(URL, params={"id": user, "time": WHEN}))  # 200, every one
+        time.sleep(0.3)
+        counts = client.get("/health").json()["impressions"]
+        assert counts["written"] == 0 and counts["queued"] == 20, f"rows wait for the database: {counts}"
+        blocker.execute("ROLLBACK")  # the database is back; the shutdown writes what waits
+    blocker.close()
+    assert len(logged_rows(engine)) == 20
+    engine.dispose()
