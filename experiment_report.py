@@ -51,19 +51,24 @@ def parse_window(value: str) -> int:
 
 
 def read_impressions(engine: Engine, experiment: str, *, since: int | None = None) -> pd.DataFrame:
-    """The experiment's impressions: user_id, request_time (seconds), arm, post_ids (lists)."""
+    """The experiment's impressions: user_id, request_time (seconds), arm, post_ids (lists). The log
+    is written at least once: a batch whose commit was acknowledged to nobody (the connection cut at that
+    moment) is written again, so rows equal in every column, served_at to the microsecond, count once."""
     log = RecommendationLog
-    query = select(log.user_id, log.request_time, log.arm, log.post_ids).where(log.experiment == experiment)
+    query = select(log.served_at, log.user_id, log.request_time, log.arm, log.post_ids).where(
+        log.experiment == experiment
+    )
     if since is not None:
         query = query.where(log.request_time >= pd.Timestamp(since, unit="s").to_pydatetime())
     with engine.connect() as conn:
         frame = pd.DataFrame(conn.execute(query.order_by(log.request_time)).all(), columns=_IMPRESSION)
+    frame = frame.drop_duplicates(ignore_index=True).drop(columns="served_at")
     frame["request_time"] = to_seconds(frame["request_time"]) if len(frame) else np.zeros(0, np.int64)
     frame["post_ids"] = frame["post_ids"].map(parse_post_ids)
     return frame
 
 
-_IMPRESSION = ["user_id", "request_time", "arm", "post_ids"]
+_IMPRESSION = ["served_at", "user_id", "request_time", "arm", "post_ids"]
 
 
 def read_likes(engine: Engine, start: int, end: int) -> pd.DataFrame:

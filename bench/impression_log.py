@@ -109,15 +109,17 @@ def request_paths(engine, n: int, seed: int) -> list[str]:
     ]
 
 
-def logged_rows(engine, since) -> int:
-    from table_recommendation_log import RecommendationLog
+def logged_rows(engine, since) -> tuple[int, int]:
+    """(rows, distinct rows) of recommendation_log served since `since`: the log writes at least once,
+    so a batch whose commit acknowledgement was cut off is written twice (the report counts it once)."""
+    from table_recommendation_log import RecommendationLog as Log
 
-    RecommendationLog.__table__.create(engine, checkfirst=True)
+    Log.__table__.create(engine, checkfirst=True)
+    columns = (Log.served_at, Log.user_id, Log.request_time, Log.arm, Log.post_ids)
     with engine.connect() as conn:
-        query = (
-            select(func.count()).select_from(RecommendationLog).where(RecommendationLog.served_at >= since)
-        )
-        return int(conn.execute(query).scalar_one())
+        rows = conn.execute(select(func.count()).select_from(Log).where(Log.served_at >= since)).scalar_one()
+        distinct = select(*columns).where(Log.served_at >= since).distinct().subquery()
+        return int(rows), int(conn.execute(select(func.count()).select_from(distinct)).scalar_one())
 
 
 def health(port: int) -> dict[str, Any]:
@@ -194,7 +196,7 @@ def outage_run(
     finally:
         stop_server(server)  # the lifespan exit writes what is still queued
     answered = result["requests"] - result["non_2xx"]
-    written = logged_rows(engine, since)
+    rows, written = logged_rows(engine, since)
     return {
         "outage_s": outage,
         "queue_size": queue_size,
@@ -202,6 +204,7 @@ def outage_run(
         "failed_requests": result["errors"] + result["non_2xx"],
         "answered": answered,
         "written": written,
+        "rows_written_twice": rows - written,
         "dropped": counts.get("dropped"),
         "failed_batches": counts.get("failed_batches"),
         "written_plus_dropped_equals_answered": written + (counts.get("dropped") or 0) == answered,
