@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -32,10 +33,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import database
 import get_features_table
 from database import Base, SessionDep
-from get_model import ModelFileError, load_model_file, resolve_model_file
+from experiments import Experiment, ServedArm, load_experiment
+from get_model import ModelFileError, load_model_file, resolve_model_file, sha256_file
+from impressions import ImpressionLog
 from metrics import Metrics, MetricsMiddleware, metrics_endpoint
 from refresh import CycleReport, TableFollower
-from schema import ErrorGet, FeedGet, HealthGet, LiveGet, PostGet, UserGet
+from schema import ArmGet, ErrorGet, FeedGet, HealthGet, ImpressionsGet, LiveGet, PostGet, UserGet
 from serving import Changes, Recommender, ServingState
 from settings import Settings
 from table_feed import Feed
@@ -78,15 +81,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = current = settings or Settings()
         app.state.engine = database.make_engine(current.db_url)
         app.state.session_factory = database.session_factory(app.state.engine)
-        app.state.recommender = recommender = load_recommender(current)
+        app.state.experiment = experiment = load_experiment(current.experiment_path)
+        app.state.arms = []
+        if experiment:
+            app.state.arms = load_arms(current, experiment, app.state.engine)
+            app.state.recommender = recommender = app.state.arms[0].recommender
+        else:
+            app.state.recommender = recommender = load_recommender(current)
+        app.state.impressions = impressions = start_impression_log(current, app.state.engine, experiment)
         app.state.metrics = Metrics() if current.metrics == "on" else None
         if recommender and app.state.metrics:
             trained_until = format_time(recommender.snapshot.end - 1)
             app.state.metrics.model_loaded(str(current.model_path), trained_until)
         refresher = None
         if recommender:
-            app.state.follower = TableFollower(
-                app.state.engine, recommender, lookback_seconds=current.refresh_lookback_seconds
+            app.state.follower = (
+                app.state.arms[0].follower
+                if app.state.arms
+                else TableFollower(
+                    app.state.engine, recommender, lookback_seconds=current.refresh_lookback_seconds
+                )
             )
             await asyncio.to_thread(load_posts, app)
             await asyncio.to_thread(choose_refresh_path, app)
@@ -96,6 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if refresher:
                 refresher.cancel()
+            if impressions:  # a clean shutdown writes what is queued
+                await asyncio.to_thread(impressions.close)
             app.state.engine.dispose()
 
     # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from the app itself
@@ -167,6 +183,52 @@ def load_recommender(settings: Settings) -> Recommender | None:
     return recommender
 
 
+def load_arms(settings: Settings, experiment: Experiment, engine: Any) -> list[ServedArm]:
+    """Every arm of the experiment, each with its recommender and table follower. A model file named
+    by several arms is mapped once (memory-mapped: the workers share its pages too)."""
+    default_path, default_sha256 = resolve_model_file(settings)
+    files: dict[str, tuple[Any, str]] = {}  # by path
+    served = []
+    for arm in experiment.arms:
+        path = arm.model_path or default_path
+        if str(path) not in files:
+            sha256 = default_sha256 if path == default_path else ""
+            files[str(path)] = (load_model_file(path, sha256=sha256, mmap=True), sha256 or sha256_file(path))
+        model_file, digest = files[str(path)]
+        recommender = Recommender(
+            model_file,
+            threads=settings.torch_threads,
+            faiss_min_posts=settings.faiss_min_posts,
+            ranking=arm.ranking or settings.ranking,
+        )
+        follower = TableFollower(engine, recommender, lookback_seconds=settings.refresh_lookback_seconds)
+        served.append(ServedArm(arm=arm, recommender=recommender, follower=follower, version=digest[:12]))
+        log.info(
+            "experiment %s, arm %s (share %.3f): model %s (version %s), ranking by %s",
+            experiment.name,
+            arm.name,
+            arm.share,
+            path,
+            digest[:12],
+            arm.ranking or settings.ranking,
+        )
+    return served
+
+
+def start_impression_log(
+    settings: Settings, engine: Any, experiment: Experiment | None
+) -> ImpressionLog | None:
+    """The impression log's writer thread, when IMPRESSION_LOG is on (auto: with an experiment)."""
+    if settings.impression_log == "off" or (settings.impression_log == "auto" and experiment is None):
+        return None
+    return ImpressionLog(
+        engine,
+        queue_size=settings.impression_queue_size,
+        batch_size=settings.impression_batch_size,
+        flush_seconds=settings.impression_flush_seconds,
+    ).start()
+
+
 def load_posts(app: FastAPI) -> None:
     """Post texts into the recommender's memory (so answers need no database), and which posts are live.
     With the database down they are fetched per request, and the next refresh tries again."""
@@ -185,7 +247,10 @@ def load_posts(app: FastAPI) -> None:
     except (OperationalError, DBAPIError) as exc:
         log.warning("could not read post_text_df at startup (%s)", exc.__class__.__name__)
         return
-    state = recommender.apply(Changes(texts=posts, live_post_ids=posts["post_id"].to_numpy()))
+    changes = Changes(texts=posts, live_post_ids=posts["post_id"].to_numpy())
+    for served in app.state.arms[1:]:  # the first arm's recommender is app.state.recommender
+        served.recommender.apply(changes)
+    state = recommender.apply(changes)
     gone = int((~state.live).sum())
     if gone:
         log.warning("%d posts of the model are not in post_text_df: they are not recommended", gone)
@@ -202,6 +267,8 @@ def choose_refresh_path(app: FastAPI) -> None:
 
 def refresh_once(app: FastAPI) -> CycleReport:
     """One refresh cycle: what changed in the tables reaches the recommender (refresh.TableFollower)."""
+    for served in app.state.arms[1:]:  # every arm follows the tables, as the single model does
+        served.follower.cycle()
     return app.state.follower.cycle()
 
 
@@ -306,7 +373,25 @@ def ready(request: Request) -> HealthGet:
         refresh.consecutive_failures >= request.app.state.settings.refresh_failures_degraded
     )
     status = "ok" if db_state == "up" and not failing else "degraded"
-    return HealthGet(status=status, database=db_state, model=model, refresh=refresh)
+    health = HealthGet(status=status, database=db_state, model=model, refresh=refresh)
+    experiment = getattr(request.app.state, "experiment", None)
+    if experiment is not None:
+        health.experiment = experiment.name
+        health.arms = [
+            ArmGet(
+                name=served.arm.name,
+                share=served.arm.share,
+                ranking=served.recommender.ranking,
+                model_version=served.version,
+            )
+            for served in request.app.state.arms
+        ]
+    impressions = getattr(request.app.state, "impressions", None)
+    if impressions is not None:
+        health.impressions = ImpressionsGet(
+            **{k: v for k, v in vars(impressions.counts()).items() if k in ImpressionsGet.model_fields}
+        )
+    return health
 
 
 # ----------------------------------------------------------------------------- tables
@@ -344,10 +429,17 @@ recommendations = APIRouter(tags=["recommendations"], responses=NOT_FOUND | NO_M
 
 
 @get_route(recommendations, "/post/recommendations/", response_model=list[PostGet])
-async def recommend(request: Request, id: UserQuery, time: TimeQuery = None, limit: RecLimit = 5) -> Any:
+async def recommend(
+    request: Request, response: Response, id: UserQuery, time: TimeQuery = None, limit: RecLimit = 5
+) -> Any:
     """The top `limit` posts for user `id` at `time` (default: now): history before `time`, liked posts
-    excluded."""
+    excluded. During an experiment, the headers X-Experiment, X-Arm and X-Model-Version say who answered."""
     recommender: Recommender | None = request.app.state.recommender
+    experiment: Experiment | None = request.app.state.experiment
+    served = None
+    if experiment is not None:  # the user's arm: a salted hash of the id, the same in every worker
+        served = request.app.state.arms[experiment.arm_index(id)]
+        recommender = served.recommender
     if recommender is None:
         raise HTTPException(503, detail="no model loaded: train one with `python main_script.py`")
     try:
@@ -361,17 +453,37 @@ async def recommend(request: Request, id: UserQuery, time: TimeQuery = None, lim
         raise RequestValidationError([error]) from None
     state = recommender.state  # one state for the whole request, whatever a refresh swaps in meanwhile
     row = state.user_row(id)
+    answer = None
     if row >= 0:  # the usual path, memory only: inline, no worker-thread round trips
-        body = state.response_body(recommender.recommend(state, row, moment, limit))
+        post_rows = recommender.recommend(state, row, moment, limit)
+        body = state.response_body(post_rows)
         if body is not None:  # pre-encoded PostGet JSON
-            return Response(body, media_type="application/json")
-    # a user added since the last refresh, or post texts not in memory: the database, in a worker thread
-    return await run_in_threadpool(_recommend_from_database, request, recommender, state, id, moment, limit)
+            answer = Response(body, media_type="application/json")
+    if answer is None:
+        # a user added since the last refresh, or post texts not in memory: the database, in a worker thread
+        answer, post_rows = await run_in_threadpool(
+            _recommend_from_database, request, recommender, state, id, moment, limit
+        )
+    if served is not None:
+        headers = {"X-Experiment": experiment.name} | served.headers
+        (answer if isinstance(answer, Response) else response).headers.update(headers)
+    impressions: ImpressionLog | None = request.app.state.impressions
+    if impressions is not None:
+        impressions.record(
+            user_id=id,
+            request_time=moment,
+            post_ids=state.post_ids[post_rows].tolist(),
+            experiment=experiment.name if experiment else "",
+            arm=served.arm.name if served else "",
+            model_version=served.version if served else "",
+        )
+    return answer
 
 
 def _recommend_from_database(
     request: Request, recommender: Recommender, state: ServingState, id: int, moment: int, limit: int
-) -> Response | list[Post]:
+) -> tuple[Response | list[Post], np.ndarray]:
+    """(the answer, its post rows in the state)."""
     with request.app.state.session_factory() as session:
         row = state.user_row(id)
         if row >= 0:
@@ -382,14 +494,14 @@ def _recommend_from_database(
         body = state.response_body(post_rows)
         if body is None:  # texts not in memory (the database was down at startup): read them now
             load_posts(request.app)
-            body = request.app.state.recommender.state.response_body(post_rows)  # rows only ever append
+            body = recommender.state.response_body(post_rows)  # rows only ever append
         if body is not None:  # pre-encoded PostGet JSON, no database round trip
-            return Response(body, media_type="application/json")
+            return Response(body, media_type="application/json"), post_rows
         post_ids = state.post_ids[post_rows].tolist()
         found = {
             post.post_id: post for post in session.scalars(select(Post).where(Post.post_id.in_(post_ids)))
         }
-        return [found[pid] for pid in post_ids if pid in found]
+        return [found[pid] for pid in post_ids if pid in found], post_rows
 
 
 app = create_app()

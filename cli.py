@@ -123,6 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export-embeddings", help="write user and post embeddings as CSV")
     export.add_argument("--out", type=Path, help="default: EXPORT_DIR")
     export.set_defaults(run="run_export_embeddings")
+
+    report = commands.add_parser(
+        "experiment-report",
+        help="per arm of an A/B experiment: likes per impression and per user, lift, sample ratio check",
+    )
+    report.add_argument("--experiment", help="default: the experiment EXPERIMENT_PATH declares")
+    report.add_argument("--since", help="only requests at or after this time (YYYY-mm-dd HH:MM:SS)")
+    report.add_argument(
+        "--window", default="1h", help="attribution window after an impression: 90s, 30m, 1h (default), 2d"
+    )
+    report.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    report.add_argument(
+        "--plot", type=Path, metavar="PNG", help="write the per-day likes per impression here"
+    )
+    report.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
+    report.set_defaults(run="run_experiment_report")
     return parser
 
 

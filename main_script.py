@@ -37,6 +37,8 @@ from sqlalchemy.exc import DBAPIError
 import changelog
 import database
 import demo_data
+import experiment_report
+import experiments
 import get_features_table
 import get_model
 from evaluate import METRIC_KEYS, ONLINE_K, calibrate, evaluate_model, validation_score
@@ -66,7 +68,7 @@ from model import (
 from settings import Settings, describe
 from table_feed import Feed
 from table_post_embedding import PostEmbedding, clean_text, text_key
-from times import format_time, to_seconds
+from times import format_time, parse_time, to_seconds
 
 log = logging.getLogger("pipeline")
 
@@ -710,6 +712,40 @@ def run_export_embeddings(settings: Settings, args: argparse.Namespace, progress
     return 0
 
 
+def run_experiment_report(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    declared = experiments.load_experiment(settings.experiment_path)
+    name = args.experiment or (declared.name if declared else None)
+    if name is None:
+        print("error: name the experiment: --experiment NAME, or EXPERIMENT_PATH", file=sys.stderr)
+        return 2
+    try:  # cli.py keeps these as text: parsing them needs the libraries it does not load
+        window = experiment_report.parse_window(args.window)
+        since = None if args.since is None else parse_time(args.since)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    engine = database.make_engine(settings.db_url)
+    try:
+        report = experiment_report.run_report(
+            engine,
+            experiment=name,
+            declared=declared,
+            window=window,
+            since=since,
+            plot=args.plot,
+            seed=args.seed,
+        )
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(json.dumps(report) if args.json else experiment_report.format_report(report))
+    if report["srm"]["mismatch"]:
+        print("error: sample ratio mismatch (see above)", file=sys.stderr)
+    return 0
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run the parsed command (cli.main parses, then imports this module); errors of the data, the
     model file or the settings end as one line on stderr and exit code 2, not a traceback."""
@@ -722,6 +758,7 @@ def run_command(args: argparse.Namespace) -> int:
         FileNotFoundError,
         NoDataError,
         NotEnoughDataError,
+        experiments.ExperimentError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

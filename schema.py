@@ -69,6 +69,21 @@ class RefreshGet(BaseModel):
     lag_rows: int | None = Field(None, description="feed changes committed, not merged yet (change log only)")
 
 
+class ArmGet(BaseModel):
+    name: str = Field(examples=["likes"])
+    share: float = Field(examples=[0.5])
+    ranking: str = Field(examples=["likes"])
+    model_version: str = Field(description="the first 12 hex digits of the model file's SHA-256")
+
+
+class ImpressionsGet(BaseModel):
+    accepted: int = Field(description="impressions queued by this worker since it started")
+    written: int = Field(description="of those, rows committed to recommendation_log")
+    queued: int = Field(description="rows waiting for the database now")
+    dropped: int = Field(description="impressions refused because the queue was full (never written)")
+    failed_batches: int = Field(description="write attempts the database refused (each retried)")
+
+
 class HealthGet(BaseModel):
     status: str = Field(
         description="'ok' when the database answers and the refresh follows, 'degraded' when the database"
@@ -77,6 +92,9 @@ class HealthGet(BaseModel):
     database: str = Field(description="'up' or 'down'")
     model: str = Field(description="'loaded' or 'absent'")
     refresh: RefreshGet | None = Field(None, description="the refresh of the tables, once a cycle ran")
+    experiment: str | None = Field(None, description="the running experiment's name (absent: none)")
+    arms: list[ArmGet] | None = Field(None, description="the experiment's arms, as this worker serves them")
+    impressions: ImpressionsGet | None = Field(None, description="this worker's impression log (when on)")
 
 
 class ErrorGet(BaseModel):

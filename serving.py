@@ -272,6 +272,7 @@ class Recommender:
     ):
         torch.set_num_threads(threads)
         self.threads, self.faiss_min_posts = threads, faiss_min_posts
+        self.ranking = ranking
         self.ranked = ranked_columns(model_file.config, ranking)  # the columns the ranking reads
         self.model = model = model_file.two_tower()
         self.autoencoder = model_file.text_autoencoder()

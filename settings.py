@@ -78,6 +78,16 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1)  # intra-op threads per service worker
     faiss_min_posts: int = Field(50_000, ge=1)  # from this many posts on, top-k goes through a FAISS index
     metrics: Literal["on", "off"] = "on"  # /metrics in the Prometheus format (metrics.py)
+    # --- experiments (experiments.py) ---
+    experiment_path: Path | None = None  # TOML/JSON file declaring an A/B experiment; unset = none
+    impression_log: Literal["auto", "on", "off"] = (
+        "auto"  # recommendation_log rows; auto = with an experiment
+    )
+    impression_queue_size: int = Field(
+        100_000, ge=1
+    )  # rows waiting for the database; beyond: counted, dropped
+    impression_batch_size: int = Field(1000, ge=1)  # rows per INSERT batch
+    impression_flush_seconds: float = Field(1.0, gt=0)  # the longest a row waits before its batch is written
 
     @classmethod
     def settings_customise_sources(
