@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import database
 import get_features_table
 from database import Base, SessionDep
+from fast_path import FastRecommendations
 from get_model import ModelFileError, load_model_file, resolve_model_file
 from refresh import CycleReport, TableFollower
 from schema import ErrorGet, FeedGet, HealthGet, LiveGet, PostGet, UserGet
@@ -40,6 +41,7 @@ from table_user import User
 from times import TIME_HINT, TIME_PATTERN, TIME_RANGE, parse_time
 
 MAX_LIMIT = 100  # every ?limit= is bounded, so no request can ask for an unbounded response
+DEFAULT_LIMIT = 5  # posts per recommendation when ?limit= is absent
 MAX_ID = database.INT32_MAX  # the tables' ids are 32-bit integers
 log = logging.getLogger("recommender")
 
@@ -94,6 +96,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(OneLineStartupFailure)
+    app.add_middleware(  # the usual recommendation request, answered below the framework (fast_path.py)
+        FastRecommendations,
+        paths=("/post/recommendations/", "/post/recommendations"),
+        answer=_fast_answer,
+        max_id=MAX_ID,
+        max_limit=MAX_LIMIT,
+        default_limit=DEFAULT_LIMIT,
+    )
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(DBAPIError, _database_unavailable)
     for router in (health, recommendations, tables):  # recommendations first: /post/recommendations
@@ -289,7 +299,7 @@ recommendations = APIRouter(tags=["recommendations"], responses=NOT_FOUND | NO_M
 
 
 @get_route(recommendations, "/post/recommendations/", response_model=list[PostGet])
-async def recommend(request: Request, id: UserQuery, time: TimeQuery, limit: RecLimit = 5) -> Any:
+async def recommend(request: Request, id: UserQuery, time: TimeQuery, limit: RecLimit = DEFAULT_LIMIT) -> Any:
     """The top `limit` posts for user `id` at `time`: history before `time`, liked posts excluded."""
     recommender: Recommender | None = request.app.state.recommender
     if recommender is None:
@@ -301,13 +311,28 @@ async def recommend(request: Request, id: UserQuery, time: TimeQuery, limit: Rec
         error = {"type": "datetime_parsing", "loc": ("query", "time"), "msg": message, "input": time}
         raise RequestValidationError([error]) from None
     state = recommender.state  # one state for the whole request, whatever a refresh swaps in meanwhile
-    row = state.user_row(id)
-    if row >= 0:  # the usual path, memory only: inline, no worker-thread round trips
-        body = state.response_body(recommender.recommend(state, row, moment, limit))
-        if body is not None:  # pre-encoded PostGet JSON
-            return Response(body, media_type="application/json")
+    body = answer_in_memory(recommender, state, id, moment, limit)
+    if body is not None:  # the usual path, memory only: inline, no worker-thread round trips
+        return Response(body, media_type="application/json")
     # a user added since the last refresh, or post texts not in memory: the database, in a worker thread
     return await run_in_threadpool(_recommend_from_database, request, recommender, state, id, moment, limit)
+
+
+def answer_in_memory(
+    recommender: Recommender, state: ServingState, id: int, moment: int, limit: int
+) -> bytes | None:
+    """The recommendations as pre-encoded PostGet JSON when memory alone answers (a user the state
+    holds, every text in memory); None otherwise. The endpoint and fast_path.FastRecommendations both
+    answer through it."""
+    row = state.user_row(id)
+    return state.response_body(recommender.recommend(state, row, moment, limit)) if row >= 0 else None
+
+
+def _fast_answer(app_state: Any, id: int, moment: int, limit: int) -> bytes | None:
+    recommender: Recommender | None = getattr(app_state, "recommender", None)  # None before the lifespan
+    return (
+        None if recommender is None else answer_in_memory(recommender, recommender.state, id, moment, limit)
+    )
 
 
 def _recommend_from_database(

@@ -42,6 +42,13 @@ from app import create_app
 app = create_app()
 
 
+def spinning(options) -> str | None:
+    try:
+        return options.get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # not set: ONNX Runtime's default, which spins
+        return None
+
+
 def pools(request: Request) -> dict:
     session = request.app.state.recommender._user_tower.session
     options = session.get_session_options()
@@ -53,7 +60,7 @@ def pools(request: Request) -> dict:
         ],
         "torch": torch.get_num_threads(),
         "onnx": [options.intra_op_num_threads, options.inter_op_num_threads],
-        "spinning": options.get_session_config_entry("session.intra_op.allow_spinning"),
+        "spinning": spinning(options),
     }
 
 
@@ -68,6 +75,13 @@ def probe_sync(request: Request) -> dict:
 """
 
 
+def spinning(options: object) -> str | None:
+    try:
+        return options.get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # not set: ONNX Runtime's default, which spins
+        return None
+
+
 def pool_report(app: FastAPI) -> dict:
     """What PROBE_APP's endpoint reports, for an app in this process (called in the loop's thread)."""
     options = app.state.recommender._user_tower.session.get_session_options()
@@ -78,7 +92,7 @@ def pool_report(app: FastAPI) -> dict:
         ],
         "torch": torch.get_num_threads(),
         "onnx": [options.intra_op_num_threads, options.inter_op_num_threads],
-        "spinning": options.get_session_config_entry("session.intra_op.allow_spinning"),
+        "spinning": spinning(options),
     }
 
 
