@@ -45,6 +45,7 @@ on what else runs: the load average is reported at the start and the end.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -137,6 +138,8 @@ def measure_inprocess(
     missing = len(state.texts_missing())
     assert missing == 0, f"{missing} posts of the model are not in post_text_df: is the model stale?"
     user_ids = state.users.user_ids
+    gc.collect()
+    gc.freeze()  # as the service's lifespan does once it has loaded (app.py)
     for row, moment in zip(rows[:warmup], times[:warmup], strict=True):
         recommender.recommend(state, int(row), int(moment), limit)
 
@@ -156,6 +159,7 @@ def measure_inprocess(
         body = state.response_body(recommender.recommend(state, found, parse_time(stamp), limit))
         endpoint_s.append(time.perf_counter() - clock)
         assert body is not None, "every post has its JSON in memory"
+    gc.unfreeze()  # the next run's recommender must not find this one frozen in memory
     return {
         "recommend": percentiles_ms(recommend_s),
         "recommend_cpu": percentiles_ms(cpu_s),  # wall >> CPU at p99 means the CPU was taken away

@@ -9,6 +9,7 @@ throughput with the pools at their defaults).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -86,6 +87,7 @@ def pool_report(app: FastAPI) -> dict:
     """What PROBE_APP's endpoint reports, for an app in this process (called in the loop's thread)."""
     options = app.state.recommender._user_tower.session.get_session_options()
     return {
+        "frozen": gc.get_freeze_count(),
         "pools": [
             {"api": p["internal_api"], "file": p["filepath"], "threads": p["num_threads"]}
             for p in threadpoolctl.threadpool_info()
@@ -133,6 +135,7 @@ def test_the_lifespan_limits_every_pool_of_its_worker(tiny_model):
     finally:
         torch.set_num_threads(before)
     assert_limited(report, 1, "the lifespan's thread")
+    assert report["frozen"] > 0, "the lifespan left what it loaded to the garbage collector's scans"
 
 
 def probe(port: int, path: str, deadline: float, server: subprocess.Popen) -> dict:
