@@ -72,5 +72,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/live' % os.environ.get('PORT', '8000'), timeout=4)"]
 
 # gunicorn with uvicorn workers (gunicorn.conf.py): binds 0.0.0.0:$PORT, starts WEB_CONCURRENCY workers
-# (default 1) that share the imported libraries and the memory-mapped model file; PID 1, gets SIGTERM.
+# (default: one per CPU core) that share the imported libraries and the memory-mapped model file;
+# PID 1, gets SIGTERM.
 CMD ["gunicorn", "app:app"]

@@ -12,6 +12,7 @@ schema lists one form.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -34,6 +35,7 @@ import database
 import get_features_table
 from database import Base, SessionDep
 from experiments import Experiment, ServedArm, load_experiment
+from fast_path import FastRecommendations
 from get_model import ModelFileError, load_model_file, resolve_model_file, sha256_file
 from impressions import ImpressionLog
 from metrics import Metrics, MetricsMiddleware, metrics_endpoint
@@ -47,6 +49,7 @@ from table_user import User
 from times import TIME_HINT, TIME_PATTERN, TIME_RANGE, format_time, now_seconds, parse_time
 
 MAX_LIMIT = 100  # every ?limit= is bounded, so no request can ask for an unbounded response
+DEFAULT_LIMIT = 5  # posts per recommendation when ?limit= is absent
 MAX_ID = database.INT32_MAX  # the tables' ids are 32-bit integers
 log = logging.getLogger("recommender")
 
@@ -105,9 +108,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(load_posts, app)
             await asyncio.to_thread(choose_refresh_path, app)
             refresher = asyncio.create_task(refresh_forever(app))
+        # what the startup built lives as long as the worker: out of the collector's reach (after one
+        # last collection), so that no collection between requests walks it again (the latency tail)
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()  # collectable again (tests start and stop many apps in one process)
             if refresher:
                 refresher.cancel()
             if impressions:  # a clean shutdown writes what is queued
@@ -123,6 +131,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(OneLineStartupFailure)
+    # the fast path inside the metrics middleware, which counts its answers too
+    app.add_middleware(  # the usual recommendation request, answered below the framework (fast_path.py)
+        FastRecommendations,
+        paths=("/post/recommendations/", "/post/recommendations"),
+        answer=_fast_answer,
+        max_id=MAX_ID,
+        max_limit=MAX_LIMIT,
+        default_limit=DEFAULT_LIMIT,
+    )
     app.add_middleware(MetricsMiddleware)
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     app.add_exception_handler(OperationalError, _database_unavailable)
@@ -430,7 +447,11 @@ recommendations = APIRouter(tags=["recommendations"], responses=NOT_FOUND | NO_M
 
 @get_route(recommendations, "/post/recommendations/", response_model=list[PostGet])
 async def recommend(
-    request: Request, response: Response, id: UserQuery, time: TimeQuery = None, limit: RecLimit = 5
+    request: Request,
+    response: Response,
+    id: UserQuery,
+    time: TimeQuery = None,
+    limit: RecLimit = DEFAULT_LIMIT,
 ) -> Any:
     """The top `limit` posts for user `id` at `time` (default: now): history before `time`, liked posts
     excluded. During an experiment, the headers X-Experiment, X-Arm and X-Model-Version say who answered."""
@@ -478,6 +499,26 @@ async def recommend(
             model_version=served.version if served else "",
         )
     return answer
+
+
+def answer_in_memory(
+    recommender: Recommender, state: ServingState, id: int, moment: int, limit: int
+) -> bytes | None:
+    """The recommendations as pre-encoded PostGet JSON when memory alone answers (a user the state
+    holds, every text in memory), as the endpoint's memory path answers them; None otherwise."""
+    row = state.user_row(id)
+    return state.response_body(recommender.recommend(state, row, moment, limit)) if row >= 0 else None
+
+
+def _fast_answer(app_state: Any, id: int, moment: int, limit: int) -> bytes | None:
+    """fast_path's answer; None (the endpoint answers) during an experiment or with the impression log
+    on, whose headers and log rows the endpoint writes."""
+    if getattr(app_state, "experiment", None) is not None or getattr(app_state, "impressions", None):
+        return None
+    recommender: Recommender | None = getattr(app_state, "recommender", None)  # None before the lifespan
+    return (
+        None if recommender is None else answer_in_memory(recommender, recommender.state, id, moment, limit)
+    )
 
 
 def _recommend_from_database(

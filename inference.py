@@ -36,6 +36,10 @@ class OnnxUserTower:
     def __init__(self, graph: bytes, config: TwoTowerConfig, *, threads: int = 1):
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        # no spinning: an idle pool thread that spins waiting for the next request burns a core that
+        # another worker needs (only matters with threads > 1: one thread means no pool at all)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}  # the exporter drops unused ones

@@ -15,6 +15,7 @@ per-operation torch dispatch on this path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import threadpoolctl
 import torch
 
 from features import (
@@ -216,7 +218,8 @@ class FaissSearch:
     def __init__(self, matrix: np.ndarray, *, threads: int, previous: FaissSearch | None = None):
         import faiss  # only for large catalogues: the service starts without it otherwise
 
-        faiss.omp_set_num_threads(threads)
+        limit_threads(threads)  # faiss brings its own OpenBLAS and OpenMP, loaded just now
+        self.threads = threads
         n, width = matrix.shape
         if previous is not None and previous.trained_for * 2 >= n:  # a refresh: keep the lists' centroids
             self.empty, self.trained_for = previous.empty, previous.trained_for
@@ -235,6 +238,11 @@ class FaissSearch:
         self.n = n
 
     def top(self, query: np.ndarray, k: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        # OpenMP's thread count is per calling thread: a request in a worker thread (not the one that
+        # built the index) would otherwise start a team of one thread per core
+        faiss.omp_set_num_threads(self.threads)
         wanted = k + len(excluded)
         while True:
             scores, rows = self.index.search(query[None, :].astype(np.float32), min(wanted, self.n))
@@ -270,7 +278,7 @@ class Recommender:
         faiss_min_posts: int = 50_000,
         ranking: str = "likes",
     ):
-        torch.set_num_threads(threads)
+        limit_threads(threads)
         self.threads, self.faiss_min_posts = threads, faiss_min_posts
         self.ranking = ranking
         self.ranked = ranked_columns(model_file.config, ranking)  # the columns the ranking reads
@@ -501,6 +509,25 @@ def post_statistics_at(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def limit_threads(threads: int) -> None:
+    """At most `threads` threads in every compute pool of this process: OpenBLAS and OpenMP
+    (threadpoolctl: numpy's, torch's and faiss's copies), torch's intra- and inter-op pools. ONNX
+    Runtime's pool is set per session (inference.OnnxUserTower).
+
+    Why: a request's products are far too small to gain from a second thread, and the pools' idle
+    threads spin waiting for work; with one worker per core they steal the CPU of the other workers.
+    A plain call, not a `with` block: the limits must outlive it. OpenBLAS's limit is process-wide
+    (but once the main thread has set it, OpenBLAS ignores a setting made in any other thread);
+    OpenMP's holds for the calling thread (the event loop's, where the lifespan and the async
+    endpoints run) and for threads started later only through OMP_NUM_THREADS, which gunicorn.conf.py
+    sets before the libraries load; torch applies its own setting in each thread it computes in.
+    """
+    threadpoolctl.threadpool_limits(limits=threads)
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # torch allows it once, before its inter-op pool starts
+        torch.set_num_interop_threads(threads)
 
 
 def latest_plausible(seconds: np.ndarray) -> int:

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     ranking: Literal[RANKINGS] = "likes"  # likes: the calibrated like probability (what a user will like);
     # logged: + the exposure terms (what the old feed showed too: hits among logged likes)
     torch_threads: int = Field(1, ge=1)  # intra-op threads per service worker
+    web_concurrency: int = Field(0, ge=0)  # gunicorn workers (gunicorn.conf.py); 0 = one per core
+    access_log: bool = True  # gunicorn: one line per request on stdout (off saves its CPU per request)
     faiss_min_posts: int = Field(50_000, ge=1)  # from this many posts on, top-k goes through a FAISS index
     metrics: Literal["on", "off"] = "on"  # /metrics in the Prometheus format (metrics.py)
     # --- experiments (experiments.py) ---

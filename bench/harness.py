@@ -73,6 +73,8 @@ def child_env(*, database_url: str, data_dir: Path, scale: str) -> dict[str, str
         PYTHONUNBUFFERED="1",
     )
     env.pop("MODEL_URL", None)  # the bench trains its own model; a download setting would mask that
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "WEB_CONCURRENCY"):
+        env.pop(name, None)  # the service as deployed: its own thread discipline, not the caller's
     env.pop("MODEL_SHA256", None)
     return env
 
