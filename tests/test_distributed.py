@@ -170,7 +170,8 @@ def test_torchrun_trains_and_rank_0_alone_writes_the_model_file(tmp_path_factory
     model_file = load_model_file(model_path)
     assert len(model_file.history) == 1 and model_file.metrics["model"]["roc_auc"] > 0.5
     assert done.stdout.count("model file:") == 1, "only rank 0 reports and writes"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("ddp", ".ddp"))) == ["ddp.pt"]
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("ddp", ".ddp")))
+    assert written == ["ddp.history.csv", "ddp.history.json", "ddp.history.png", "ddp.pt"], written
 
 
 def test_the_device_setting(monkeypatch):
