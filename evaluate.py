@@ -436,9 +436,6 @@ def validation_score(model: TwoTower, data: Dataset, *, ranking: str = "likes") 
         return float(ranking_per_user(block, task)[0]["ndcg@10"].mean())
 
 
-VALIDATION_LABELS = {"likes": "minus the calibrated like log-loss", "logged": "NDCG@10 of logged likes"}
-
-
 def calibrate(model: TwoTower, data: Dataset) -> tuple[float, float]:
     """Fit the model's (scale, bias) on the validation views and store them in it; returns them."""
     model.eval()

@@ -407,7 +407,8 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
 
 # What `validate` (evaluate.validation_score, as main_script passes it) measures: named in the console
 # line, the log and the history plot, so that "validation=0.13" says which metric chose the epoch.
-VALIDATION_METRIC = "validation NDCG@10"
+# what early stopping maximises, by the ranking the service serves (evaluate.validation_score)
+VALIDATION_LABELS = {"likes": "validation minus like log-loss", "logged": "validation NDCG@10"}
 MIN_BATCH = 32  # fewer rows per step: the in-batch softmax has almost no negatives, the gradient is noise
 MIN_STEPS = 4  # steps per epoch a fitted batch size leaves at least (when the data allows MIN_BATCH)
 
@@ -455,6 +456,7 @@ class TrainConfig:
     softmax_weight: float = 1.0
     monitor_train: int = 20_000  # training views whose pointwise metrics are logged each epoch
     monitor_val: int = 50_000  # validation views, likewise
+    validation_label: str = VALIDATION_LABELS["likes"]  # what `validate` scores, for the log and the plot
 
     @classmethod
     def from_settings(cls, settings: Settings, **changes: Any) -> TrainConfig:
@@ -467,6 +469,7 @@ class TrainConfig:
             "seed": settings.seed,
             "history_items_every": settings.history_items_every,
             "weight_decay": settings.weight_decay,
+            "validation_label": VALIDATION_LABELS[settings.ranking],
         }
         return cls(**(values | changes))
 
@@ -596,13 +599,15 @@ def train_two_tower(
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append(row)
         if show:
-            names = {"validation": VALIDATION_METRIC}
+            names = {"validation": config.validation_label}
             shown = ", ".join(f"{names.get(k, k)}={v:.4f}" for k, v in row.items() if k != "epoch")
             tqdm.write(f"epoch {epoch}/{epochs}: {shown}")
     if best_state is not None:
         model.load_state_dict(best_state)
         best = max(history, key=lambda r: r["validation"])["epoch"]
-        log.info("kept the weights of epoch %d of %d (%s %.4f)", best, epochs, VALIDATION_METRIC, best_score)
+        log.info(
+            "kept the weights of epoch %d of %d (%s %.4f)", best, epochs, config.validation_label, best_score
+        )
     model.cpu()
     model.eval()
     return history

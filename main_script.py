@@ -57,7 +57,7 @@ from get_features_table import TABLES
 from get_model import FeedSnapshot, ModelFile, ModelFileError, save_model_file
 from get_post_embeddings import embed_posts, encoder_key, resolve_encoder
 from histories import Histories
-from learn_model import VALIDATION_METRIC, TrainConfig, train_autoencoder, train_two_tower, world
+from learn_model import VALIDATION_LABELS, TrainConfig, train_autoencoder, train_two_tower, world
 from model import (
     Autoencoder,
     TwoTower,
@@ -478,7 +478,7 @@ def kept_epoch(history: list[dict[str, float]]) -> int | None:
     return int(max(scored, key=lambda row: row["validation"])["epoch"]) if scored else None
 
 
-def history_figure(history: list[dict[str, float]]) -> Any:
+def history_figure(history: list[dict[str, float]], metric: str = VALIDATION_LABELS["likes"]) -> Any:
     """The matplotlib figure of the history: losses, the validation metric that chooses the kept epoch,
     ROC-AUC; the kept epoch marked on each panel."""
     import matplotlib
@@ -492,7 +492,7 @@ def history_figure(history: list[dict[str, float]]) -> Any:
     # No accuracy panel: at a ~10% like rate it sits at the majority-class rate and tells nothing.
     panels = (
         ("loss", [("loss", "training loss"), ("val_log_loss", "validation log-loss")]),
-        (f"{VALIDATION_METRIC} (chooses the epoch)", [("validation", VALIDATION_METRIC)]),
+        (f"{metric} (chooses the epoch)", [("validation", metric)]),
         ("ROC-AUC", [("train_roc_auc", "training"), ("val_roc_auc", "validation")]),
     )
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -509,7 +509,9 @@ def history_figure(history: list[dict[str, float]]) -> Any:
     return figure
 
 
-def write_history(history: list[dict[str, float]], model_path: Path) -> list[Path]:
+def write_history(
+    history: list[dict[str, float]], model_path: Path, metric: str = VALIDATION_LABELS["likes"]
+) -> list[Path]:
     """Per-epoch history as CSV, JSON and a PNG plot (history_figure), beside the model file."""
     import matplotlib.pyplot as plt
 
@@ -517,7 +519,7 @@ def write_history(history: list[dict[str, float]], model_path: Path) -> list[Pat
     csv_path, json_path, png_path = history_paths(model_path)
     pd.DataFrame(history).to_csv(csv_path, index=False)
     json_path.write_text(json.dumps(history, indent=2))
-    figure = history_figure(history)
+    figure = history_figure(history, metric)
     figure.savefig(png_path, dpi=110)
     plt.close(figure)
     return [csv_path, json_path, png_path]
@@ -581,7 +583,7 @@ def run_all(settings: Settings, *, progress: bool = True) -> TrainResult:
     if result.model_file is None:  # a rank other than 0: rank 0 writes the model file
         return result
     save_model_file(result.model_file, settings.model_path)
-    written = write_history(result.history, settings.model_path)
+    written = write_history(result.history, settings.model_path, VALIDATION_LABELS[settings.ranking])
     print(f"\nmodel file: {settings.model_path}  (history: {', '.join(str(p) for p in written)})")
     print(f"data window: {result.model_file.data_window}  objective: {settings.objective}")
     print("time (s): " + ", ".join(f"{k}={v:.1f}" for k, v in result.seconds.items()))

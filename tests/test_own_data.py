@@ -173,9 +173,9 @@ def test_own_data_beside_the_demo_truth_trains_with_default_settings(tmp_path, c
     with caplog.at_level(logging.INFO):
         result = main_script.run_all(settings, progress=False)
     assert "is the demo generator's truth of other tables: ignored" in caplog.text, caplog.text
-    assert re.search(r"kept the weights of epoch 1 of 1 \(validation NDCG@10 0\.\d{4}\)", caplog.text), (
-        "named"
-    )
+    assert re.search(
+        r"kept the weights of epoch 1 of 1 \(validation minus like log-loss -0\.\d{4}\)", caplog.text
+    ), "named"
     assert "oracle" not in result.metrics and "online" not in result.metrics, list(result.metrics)
     assert settings.model_path.is_file(), "the model file is written"
     assert sorted(p.name for p in settings.model_path.parent.iterdir()) == [
@@ -426,7 +426,7 @@ def test_history_plot_names_the_choosing_metric_and_marks_the_kept_epoch(tmp_pat
     import matplotlib.pyplot as plt
 
     assert main_script.kept_epoch(HISTORY) == 2, "the first best, as train_two_tower keeps it"
-    figure = main_script.history_figure(HISTORY)
+    figure = main_script.history_figure(HISTORY, "validation NDCG@10")
     try:
         titles = [axis.get_title() for axis in figure.axes]
         assert "validation NDCG@10 (chooses the epoch)" in titles, titles
