@@ -9,6 +9,7 @@ from conftest import plain_posts, plain_users
 
 from features import (
     UNKNOWN,
+    NotEnoughDataError,
     build_dataset,
     build_user_histories,
     build_vocab,
@@ -139,7 +140,7 @@ def test_dataset_windows_are_temporal_and_aggregates_ignore_later_windows(feed):
     assert np.allclose(data.post_stats_at(data.val_cutoff), data.post_stats, atol=1e-5), (
         "the statistics from the histories and from the feed agree"
     )
-    with pytest.raises(AssertionError, match="no training window"):
+    with pytest.raises(NotEnoughDataError, match="no training window"):
         build_dataset(users, posts, feed, test_days=30, val_days=15)
 
 
