@@ -45,7 +45,9 @@ class FastRecommendations:
         default_limit: int,
     ) -> None:
         self.app, self.paths, self.answer = app, frozenset(paths), answer
-        self.route = _Route(paths[0] if paths else "")  # what the metrics middleware outside reads as the route template
+        self.route = _Route(
+            paths[0] if paths else ""
+        )  # what the metrics middleware outside reads as the route template
         self.max_id, self.max_limit, self.default_limit = max_id, max_limit, default_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
