@@ -105,7 +105,7 @@ def test_trained_model_beats_random(tiny_model):
     # the served ranking (RANKING=likes) on what it is for, the likes its posts would get; the logged
     # ranking on hits among logged likes
     online = metrics["online"]["test"]
-    assert online["model"]["likes@5"] > 1.5 * online["random"]["likes@5"]
+    assert online["model"]["likes@5"] > 1.25 * online["random"]["likes@5"]
     assert metrics["model_logged"]["hitrate@5"] > 2 * metrics["random"]["hitrate@5"]
     assert metrics["oracle"]["roc_auc"] > metrics["model"]["roc_auc"], "the oracle is the ceiling"
 
