@@ -452,7 +452,7 @@ class TrainConfig:
     device: str = "cpu"  # a torch device; main_script.training_device resolves the DEVICE setting
     history_items_every: int = 50  # > 0: histories read item encodings recomputed every N steps
     per_day_stats: bool = True  # each sample reads its post's statistics at the start of its day
-    weight_decay: float = 0.1  # AdamW's, decoupled: measured better than 1e-5 on the validation window
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay (settings.weight_decay)
     softmax_weight: float = 1.0
     monitor_train: int = 20_000  # training views whose pointwise metrics are logged each epoch
     monitor_val: int = 50_000  # validation views, likewise
