@@ -189,6 +189,13 @@ def load_truth(
     if path is None or not path.is_file():
         return None
     truth = demo_data.GroundTruth.load(path)
+    if not truth.tables:  # a file from before truth files named their tables: no way to tell
+        log.warning(
+            "note: %s names no tables (written by an older version): ignored (no oracle, no online value); "
+            "run `main_script.py demo-data` again to regenerate the demo with its truth",
+            path,
+        )
+        return None
     if truth.tables != tables_fingerprint(*tables):
         log.warning(
             "note: %s is the demo generator's truth of other tables: ignored (no oracle, no online value); "

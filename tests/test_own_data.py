@@ -4,6 +4,7 @@ surprise, small tables, the demo's leftovers, the command line, the API's times,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -189,6 +190,19 @@ def test_own_data_beside_the_demo_truth_trains_with_default_settings(tmp_path, c
         is None
     )
     assert main_script.load_truth(settings, (demo.users, demo.posts, demo.feed)) is not None, "the demo's own"
+
+
+def test_a_truth_file_from_before_fingerprints_is_ignored_with_what_to_do(tmp_path, caplog):
+    demo = demo_data.generate("tiny", seed=0, progress=False)
+    path = tmp_path / "old_truth.npz"
+    dataclasses.replace(demo.truth, tables="").save(path)
+    settings = tiny_settings(tmp_path, ground_truth_path=path)
+    tables = (demo.users, demo.posts, demo.feed)
+    with caplog.at_level(logging.WARNING):
+        assert main_script.load_truth(settings, tables) is None
+    assert "names no tables" in caplog.text and "demo-data" in caplog.text, caplog.text
+    demo.truth.save(path)
+    assert main_script.load_truth(settings, tables) is not None, "a truth of these very tables is read"
 
 
 def test_an_empty_ground_truth_path_turns_the_truth_off(monkeypatch, tmp_path):
