@@ -206,6 +206,26 @@ def load_truth(
     return truth
 
 
+def evaluate_with_settings(
+    settings: Settings,
+    model: TwoTower,
+    data: Dataset,
+    tables: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame],
+    *,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """evaluate_model as the settings ask (ranking, seed), with the demo's truth when it is these tables'."""
+    return evaluate_model(
+        model,
+        data,
+        truth=load_truth(settings, tables),
+        feed=tables[2],
+        ranking=settings.ranking,
+        seed=settings.seed,
+        progress=progress,
+    )
+
+
 def embed_stage(settings: Settings, posts: pd.DataFrame, *, progress: bool = True) -> np.ndarray:
     """Transformer embeddings of the post texts in post_id order (cached: reruns embed only new texts)."""
     ordered = posts.sort_values("post_id")
@@ -395,15 +415,7 @@ def train_stage(
     log.info("calibration on the validation views: P(like) = sigmoid(%.3f * logit %+.3f)", scale, bias)
     metrics: dict[str, dict] = {}
     if evaluate:
-        metrics = evaluate_model(
-            model,
-            data,
-            truth=load_truth(settings, (users, posts, feed)),
-            feed=feed,
-            ranking=settings.ranking,
-            seed=settings.seed,
-            progress=progress,
-        )
+        metrics = evaluate_with_settings(settings, model, data, (users, posts, feed), progress=progress)
     metrics.setdefault("model", {})["autoencoder_mse"] = reconstruction
     seconds["evaluate"] = time.perf_counter() - clock
 
@@ -624,15 +636,7 @@ def evaluate_saved(settings: Settings, *, progress: bool = True) -> dict[str, di
     users, posts, feed = load_tables(settings, progress=progress)
     data = dataset_of_model(settings, model_file, (users, posts, feed))
     model = model_file.two_tower()  # evaluate_model sets the statistics of each window's cutoff
-    return evaluate_model(
-        model,
-        data,
-        truth=load_truth(settings, (users, posts, feed)),
-        feed=feed,
-        ranking=settings.ranking,
-        seed=settings.seed,
-        progress=progress,
-    )
+    return evaluate_with_settings(settings, model, data, (users, posts, feed), progress=progress)
 
 
 def run_demo_data(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
